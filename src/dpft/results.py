@@ -1,0 +1,117 @@
+"""The results contract (DESIGN.md §5): one `results.json` per run, the same figures in the W&B summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpft.methods.base import MethodModule
+
+SCHEMA_VERSION = 1
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory when on GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, data_sizes: dict[str, int],
+                  params_total: int, params_trainable: int, peak_memory: int) -> dict[str, Any]:
+    metrics = dict(sorted(module.final_metrics.items()))
+    steps = module.steps_done
+    privacy = module.privacy_block()
+    cost = {
+        "wall_seconds": wall_seconds,
+        "train_seconds": module.train_seconds,
+        "seconds_per_step": module.train_seconds / steps if steps else None,
+        "forward_passes": module.forward_passes,
+        "forward_passes_per_step": module.forward_passes / steps if steps else None,
+        "peak_memory_bytes": peak_memory,
+        "device": "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu",
+        "params_total": params_total,
+        "params_trainable": params_trainable,
+    }
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "completed",
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "seed": int(cfg.seed),
+        "data_seed": cfg.task.get("data_seed"),
+        "metrics": metrics,
+        "privacy": privacy,
+        "cost": cost,
+        "hyperparameters": module.hyperparameters(),
+        "data_sizes": data_sizes,
+        "git_commit": _git_commit(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    results["summary"] = flat_summary(results)
+    return results
+
+
+def flat_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The flat figures for dashboards: `test/acc`, `privacy/epsilon_spent`, `cost/seconds_per_step`..."""
+    out: dict[str, Any] = {k: results[k] for k in ("method", "model", "task", "seed", "data_seed", "status")}
+    out.update(results["metrics"])
+    for block in ("privacy", "cost"):
+        out.update({f"{block}/{k}": v for k, v in results[block].items()})
+    return out
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Atomic write: a reader never sees a half-written results.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(results, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(handle.name, path)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return "∞" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A small Markdown table of runs (metrics in %: accuracy or F1)."""
+    header = "| method | model | task | seed | val | test | ε (target) | ε spent | s/step | wall s |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        m = r["metrics"]
+        key = "f1" if "test/f1" in m else "acc"
+        val, test = m.get(f"val/{key}"), m.get(f"test/{key}")
+        p, c = r["privacy"], r["cost"]
+        lines.append("| " + " | ".join([
+            r["method"], r["model"], r["task"], str(r["seed"]),
+            _fmt(val), _fmt(test),
+            _fmt(p["target_epsilon"], 2), _fmt(p["epsilon_spent"], 2),
+            _fmt(c["seconds_per_step"], 3), _fmt(c["wall_seconds"], 1),
+        ]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Hydra entry point: compose -> task data, model, method module -> fit -> validate/test -> results.json.
+
+    dpft-train model=opt-tiny task=sst2 method=mezo seed=3 trainer.max_steps=200
+    python -m dpft.train --multirun method=ft,mezo seed=0,1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpft.config import CONFIG_DIR
+from dpft.data.datamodule import TaskDataModule
+from dpft.data.tasks import build_task
+from dpft.methods.base import MethodModule
+from dpft.models.loading import count_parameters, load_model, load_tokenizer
+from dpft.models.peft import apply_peft
+from dpft.models.scoring import build_scorer, check_compatible
+from dpft.results import build_results, format_table, peak_memory_bytes, write_results
+
+log = logging.getLogger("dpft")
+
+# method-config keys that configure the run, not the LightningModule's constructor
+RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft")
+# task-config keys read here; the others (num_train, ...) are options of the task's protocol
+TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
+
+
+def build_task_from_config(task_cfg: DictConfig):
+    options = {k: v for k, v in task_cfg.items() if k not in TASK_RUN_KEYS}
+    return build_task(task_cfg.name, task_cfg.get("data_seed"), **options)
+
+
+def build_method(cfg: DictConfig, model: torch.nn.Module, scorer) -> MethodModule:
+    kwargs = {k: v for k, v in cfg.method.items() if k not in RUN_KEYS}
+    # partial first: objects passed through instantiate would be turned into configs
+    factory = hydra.utils.instantiate(kwargs, _partial_=True, _convert_="all")
+    return factory(model=model, scorer=scorer)
+
+
+def build_logger(cfg: DictConfig):
+    if not cfg.get("logger"):
+        return False
+    logger = hydra.utils.instantiate(cfg.logger)
+    return logger
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns the results block (also written to results.json)."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    task = build_task_from_config(cfg.task)
+    check_compatible(cfg.model.kind, task, cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model)
+    scorer = build_scorer(cfg.model.kind, task, tokenizer, max_length=cfg.task.max_length,
+                          max_new_tokens=cfg.task.get("max_new_tokens", 50))
+    model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
+    module = build_method(cfg, model, scorer)
+
+    needed = ("train", "val", "test") if module.trains else ("val", "test")
+    if not cfg.get("validate", True):
+        needed = tuple(s for s in needed if s != "val")
+    datamodule = TaskDataModule(task, scorer, batch_size=cfg.method.batch_size,
+                                eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed, needed=needed)
+    datamodule.setup()
+
+    logger = build_logger(cfg)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
+                        default_root_dir=str(output_dir))
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    start = time.perf_counter()
+    if module.trains:
+        trainer.fit(module, datamodule=datamodule)
+    elif "val" in needed:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    wall = time.perf_counter() - start
+
+    total, trainable = count_parameters(model)
+    results = build_results(
+        cfg, module, wall_seconds=wall, data_sizes=datamodule.sizes(), params_total=total,
+        params_trainable=trainable, peak_memory=peak_memory_bytes(),
+    )
+    write_results(results, output_dir / "results.json")
+    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+        logger.experiment.summary.update(results["summary"])
+    print(format_table([results]))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        results = run(cfg)
+    finally:
+        _finish_wandb()  # each multirun job closes its own W&B run, even when it fails
+    return results["summary"].get(cfg.get("optimized_metric", ""), None)
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+if __name__ == "__main__":
+    main()
