@@ -24,12 +24,13 @@ from dpft.methods.base import MethodModule
 from dpft.models.loading import count_parameters, load_model, load_tokenizer
 from dpft.models.peft import apply_peft
 from dpft.models.scoring import build_scorer, check_compatible
+from dpft.privacy.accounting import PrivacySpec, make_spec
 from dpft.results import build_results, format_table, peak_memory_bytes, write_results
 
 log = logging.getLogger("dpft")
 
 # method-config keys that configure the run, not the LightningModule's constructor
-RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft")
+RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private")
 # task-config keys read here; the others (num_train, ...) are options of the task's protocol
 TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
 
@@ -39,11 +40,45 @@ def build_task_from_config(task_cfg: DictConfig):
     return build_task(task_cfg.name, task_cfg.get("data_seed"), **options)
 
 
-def build_method(cfg: DictConfig, model: torch.nn.Module, scorer) -> MethodModule:
+def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) -> MethodModule:
     kwargs = {k: v for k, v in cfg.method.items() if k not in RUN_KEYS}
     # partial first: objects passed through instantiate would be turned into configs
     factory = hydra.utils.instantiate(kwargs, _partial_=True, _convert_="all")
-    return factory(model=model, scorer=scorer)
+    module = factory(model=model, scorer=scorer, **extra)
+    module.name = cfg.method.name
+    return module
+
+
+def check_privacy_pair(cfg: DictConfig) -> bool:
+    """Private methods need a private `privacy` option with their mechanism, and the reverse. Returns
+    whether the run is private."""
+    private, mechanism = bool(cfg.method.get("private")), cfg.privacy.get("mechanism", "none")
+    if private and mechanism == "none":
+        raise ValueError(f"method={cfg.method.name} is private: choose a privacy budget, e.g. privacy=eps2 "
+                         "(or privacy=pure_eps4 for Laplace methods)")
+    if not private and mechanism != "none":
+        raise ValueError(f"method={cfg.method.name} is not private, but privacy={cfg.privacy.name} asks for a "
+                         "guarantee: use privacy=none, or a private method (dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo)")
+    if private and cfg.method.get("mechanism") != mechanism:
+        fix = "privacy=pure_eps4" if cfg.method.mechanism == "laplace" else "privacy=eps2"
+        raise ValueError(f"method={cfg.method.name} adds {cfg.method.mechanism} noise but privacy={cfg.privacy.name} "
+                         f"is a {mechanism} budget: use e.g. {fix}")
+    return private
+
+
+def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
+    """The run's privacy statement: noise calibrated for (ε, δ, q = batch_size / n, T = max_steps)."""
+    spec = make_spec(
+        mechanism=cfg.privacy.mechanism, accountant=cfg.privacy.accountant,
+        target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+        dataset_size=dataset_size, expected_batch_size=cfg.method.batch_size, steps=int(cfg.trainer.max_steps),
+        clip=cfg.method.clip, directions=int(cfg.method.get("directions", 1)),
+    )
+    if spec.mechanism == "gaussian" and spec.target_delta >= 1 / dataset_size:
+        log.warning("privacy.target_delta=%g is not below 1/n = %g: (ε, δ)-DP then allows leaking a whole "
+                    "example; use δ < 1/n", spec.target_delta, 1 / dataset_size)
+    log.info("privacy: %s", spec)
+    return spec
 
 
 def build_logger(cfg: DictConfig):
@@ -59,20 +94,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    private = check_privacy_pair(cfg)
     task = build_task_from_config(cfg.task)
     check_compatible(cfg.model.kind, task, cfg.model.name)
     tokenizer = load_tokenizer(cfg.model)
     scorer = build_scorer(cfg.model.kind, task, tokenizer, max_length=cfg.task.max_length,
                           max_new_tokens=cfg.task.get("max_new_tokens", 50))
-    model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
-    module = build_method(cfg, model, scorer)
 
-    needed = ("train", "val", "test") if module.trains else ("val", "test")
+    trains = int(cfg.method.steps) > 0
+    needed = ("train", "val", "test") if trains else ("val", "test")
     if not cfg.get("validate", True):
         needed = tuple(s for s in needed if s != "val")
     datamodule = TaskDataModule(task, scorer, batch_size=cfg.method.batch_size,
-                                eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed, needed=needed)
+                                eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed, needed=needed,
+                                poisson=private)
     datamodule.setup()
+    # calibrate before loading the model: an impossible budget fails in seconds
+    extra = {"privacy": calibrate(cfg, len(datamodule.data["train"]))} if private else {}
+
+    model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
+    module = build_method(cfg, model, scorer, **extra)
 
     logger = build_logger(cfg)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,

@@ -52,8 +52,9 @@ class MethodModule(L.LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only (no decay for biases and norms), without matching names."""
         params = self.trainable_parameters()
-        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     def per_example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
         self.forward_passes += 1

@@ -1,57 +1,160 @@
-"""The zeroth-order engine (MeZO's SPSA step) as a `torch.optim.Optimizer`.
+"""The zeroth-order engine: MeZO, DP-ZO, DPZero, DP-ZOSO and DP-ZOPO are configurations of it.
 
-One step with seed s and direction z ~ N(0, I) regenerated from s, never stored:
+One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k, parameter), never stored:
 
-    θ += φz; ℓ⁺ = L(θ + φz); θ -= 2φz; ℓ⁻ = L(θ - φz); g = (ℓ⁺ - ℓ⁻) / 2φ; θ += φz - η(g z + λθ)
+    for k: θ += φz_k; ℓ⁺ = L(θ); θ -= 2φz_k; ℓ⁻ = L(θ); r_i = (ℓ⁺_i - ℓ⁻_i)/2φ; g_k = estimate(r); θ += φz_k
+    θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
-Restoring and updating are folded into one pass over the parameters (three generations of z,
-not MeZO's four). z is drawn from a dedicated generator reseeded per parameter from
-(step seed, parameter index): the global RNG is never touched, and a parameter's direction
-does not depend on the others (order, device placement). Being an Optimizer, the step advances
-Lightning's `global_step` and its state (step counter, last projected gradient) is checkpointed.
+The last restore is folded into the update (one pass over the parameters). z is drawn from a
+dedicated generator reseeded per parameter from (step seed, parameter index): the global RNG is
+never touched, and a parameter's direction does not depend on the others (order, placement).
 
-Variants override `projected_gradient` (what is clipped, what noise is added).
+What the variants change:
+- `estimate` (`GradientEstimator`): MeZO averages r_i; private estimators clip r_i (DPZero) or the raw
+  difference ℓ⁺_i - ℓ⁻_i (DP-ZO; equivalently r_i to C/2φ), sum, add Gaussian or Laplace noise to the
+  sum and divide by the expected batch size;
+- K directions per step (each one is released, and charged to the budget);
+- a coordinate mask (DP-ZOPO): only the chosen coordinates are perturbed and updated;
+- a stage schedule (DP-ZOSO): stage lengths doubling, lr halving, φ shrinking, anchor θ_ref reset,
+  proximal coefficient ρ.
+
+Being an Optimizer, the step advances Lightning's `global_step`; its state (step counter, last
+projected gradients, anchors, noise generator) is checkpointed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from dpft.methods.base import MethodModule
+from dpft.privacy.accounting import PrivacySpec
+from dpft.privacy.ledger import PrivacyLedger
+from dpft.privacy.noise import NoiseSource
+from dpft.seeding import derive_seed
 
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
-_MASK = (1 << 63) - 1
+CLIP_TARGETS = ("difference", "normalized")
 
 
-def direction_seed(step_seed: int, index: int) -> int:
-    return (step_seed * _MIX + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK
+# --- projected-gradient estimators ---------------------------------------------------------------
+class GradientEstimator:
+    """MeZO: g = Σ_i r_i / B, with r_i = (ℓ⁺_i - ℓ⁻_i)/2φ (the mean of the per-example scalars)."""
+
+    private = False
+
+    def scalars(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+        return (loss_plus.double() - loss_minus.double()) / (2 * eps)
+
+    def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
+        r = self.scalars(loss_plus, loss_minus, eps)
+        return float(r.sum() / len(r)) if len(r) else 0.0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
+class PrivateEstimator(GradientEstimator):
+    """g = (Σ_i clip(r_i) + noise) / B_expected; each example moves the sum by at most the clip bound.
+
+    `clip_target="difference"` (DP-ZO) bounds |ℓ⁺_i - ℓ⁻_i| ≤ C, i.e. |r_i| ≤ C/2φ; `"normalized"`
+    (DPZero) bounds |r_i| ≤ C. Noise is N(0, (σ·bound)²) or Laplace(b = multiplier·bound) on the sum.
+    Non-finite scalars never reach the parameters: ±inf are clipped to ±bound, NaN contributes 0;
+    both are counted in `nonfinite`.
+    """
+
+    private = True
+
+    def __init__(self, clip: float, clip_target: str, noise_multiplier: float, mechanism: str,
+                 expected_batch_size: float, seed: int):
+        if clip_target not in CLIP_TARGETS:
+            raise ValueError(f"method.clip_target={clip_target!r} is not one of {CLIP_TARGETS}")
+        if not clip > 0:
+            raise ValueError(f"method.clip must be > 0, got {clip}")
+        self.clip, self.clip_target = clip, clip_target
+        self.noise_multiplier, self.expected_batch_size = noise_multiplier, expected_batch_size
+        self.noise = NoiseSource(mechanism if noise_multiplier > 0 else "none", seed)
+        self.nonfinite = 0
+        self.last_clean_sum = 0.0  # for tests only: the pre-noise sum
+
+    def bound(self, eps: float) -> float:
+        return self.clip / (2 * eps) if self.clip_target == "difference" else self.clip
+
+    def clipped_sum(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+        r = self.scalars(loss_plus, loss_minus, eps)
+        self.nonfinite += int((~torch.isfinite(r)).sum())
+        bound = self.bound(eps)
+        return torch.nan_to_num(r, nan=0.0).clamp(-bound, bound).sum()
+
+    def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
+        total = self.clipped_sum(loss_plus, loss_minus, eps)
+        self.last_clean_sum = float(total)
+        if self.noise_multiplier > 0:
+            total = total + self.noise.sample(self.noise_multiplier * self.bound(eps))
+        return float(total / self.expected_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"noise": self.noise.state_dict(), "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise.load_state_dict(state["noise"])
+        self.nonfinite = int(state["nonfinite"])
+
+
+# --- DP-ZOSO stages ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSchedule:
+    """Stage s lasts first_stage·2^s steps; at its start lr ← lr0·lr_decay^s, φ ← φ0·eps_decay^s, θ_ref ← θ."""
+
+    first_stage: int
+    lr_decay: float = 0.5
+    eps_decay: float = 1.0
+
+    def stage(self, step: int) -> int:
+        # stage s covers steps [first·(2^s - 1), first·(2^{s+1} - 1))
+        return int(math.floor(math.log2(step / self.first_stage + 1)))
+
+    def starts_stage(self, step: int) -> bool:
+        return step == 0 or self.stage(step) != self.stage(step - 1)
+
+
+# --- the optimizer -------------------------------------------------------------------------------
 class ZerothOrderSGD(Optimizer):
-    """SPSA/MeZO update. `closure()` returns per-example losses [B] of the current parameters."""
+    """SPSA/MeZO update. `closure()` returns per-example losses [B] at the current parameters.
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0):
-        if lr < 0 or eps <= 0:
-            raise ValueError(f"need lr >= 0 and eps (perturbation scale φ) > 0, got lr={lr}, eps={eps}")
-        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
-        self.seed = int(seed)
+    `masks[i]` (flat indices into parameter i, or None for all of it) restricts perturbation and update.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                 directions: int = 1, estimator: GradientEstimator | None = None,
+                 masks: Sequence[torch.Tensor | None] | None = None, schedule: StageSchedule | None = None,
+                 proximal: float = 0.0):
+        if lr < 0 or eps <= 0 or directions < 1:
+            raise ValueError(f"need lr >= 0, eps (perturbation scale φ) > 0 and directions >= 1; got lr={lr}, "
+                             f"eps={eps}, directions={directions}")
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay,
+                                  "initial_lr": lr, "initial_eps": eps})
+        self.seed, self.directions = int(seed), int(directions)
+        self.estimator = estimator or GradientEstimator()
+        self.schedule, self.proximal = schedule, float(proximal)
+        n_params = sum(len(g["params"]) for g in self.param_groups)
+        self.masks = list(masks) if masks is not None else [None] * n_params
+        if len(self.masks) != n_params:
+            raise ValueError(f"{len(self.masks)} masks for {n_params} parameters")
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.state["zo"] = {"step": 0, "projected_grad": 0.0}
+        self.state["zo"] = {"step": 0, "projected_grads": []}
 
     # --- directions -----------------------------------------------------------------------------
-    def step_seed(self, step: int) -> int:
-        return direction_seed(self.seed, step)
-
-    def _z(self, p: torch.Tensor, seed: int) -> torch.Tensor:
-        gen = self._generators.get(p.device)
-        if gen is None:
-            gen = self._generators[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(seed)
-        return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+    def step_seed(self, step: int, direction: int = 0) -> int:
+        return derive_seed(derive_seed(self.seed, step), direction)
 
     def _params(self):
         index = 0
@@ -60,75 +163,214 @@ class ZerothOrderSGD(Optimizer):
                 yield index, group, p
                 index += 1
 
-    @torch.no_grad()
-    def perturb(self, step_seed: int, scale: float) -> None:
-        for i, _, p in self._params():
-            p.add_(self._z(p, direction_seed(step_seed, i)), alpha=scale)
+    def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
+        """z for parameter `index` (only its masked coordinates when it has a mask)."""
+        gen = self._generators.get(p.device)
+        if gen is None:
+            gen = self._generators[p.device] = torch.Generator(device=p.device)
+        gen.manual_seed(derive_seed(seed, index))
+        mask = self.masks[index]
+        shape = p.shape if mask is None else mask.shape
+        return torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype)
+
+    def _add(self, p: torch.Tensor, index: int, z: torch.Tensor, alpha: float) -> None:
+        mask = self.masks[index]
+        if mask is None:
+            p.add_(z, alpha=alpha)
+        else:  # in place on the parameter itself (indexing a parameter returns a copy)
+            p.view(-1).index_add_(0, mask, z, alpha=alpha)
 
     @torch.no_grad()
-    def restore_and_update(self, step_seed: int, eps: float, grad: float) -> None:
-        """From θ - φz: θ ← θ + φz - η(g z + λθ), one generation of z per parameter."""
+    def perturb(self, seed: int, scale: float) -> None:
+        for i, _, p in self._params():
+            self._add(p, i, self._z(p, i, seed), scale)
+
+    @torch.no_grad()
+    def restore_and_update(self, seeds: list[int], grads: list[float]) -> None:
+        """From θ - φz_K: restore the last direction and apply the whole update, in one pass."""
+        k_last = len(seeds) - 1
         for i, group, p in self._params():
-            z = self._z(p, direction_seed(step_seed, i))
-            lr, decay = group["lr"], group["weight_decay"]
-            if decay:
-                p.add_(z, alpha=eps)
-                p.mul_(1.0 - lr * decay)
-                p.add_(z, alpha=-lr * grad)
-            else:
-                p.add_(z, alpha=eps - lr * grad)
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            shrink, pull = lr * (decay + self.proximal), lr * self.proximal
+            for k, (seed, grad) in enumerate(zip(seeds, grads)):
+                z = self._z(p, i, seed)
+                step = -lr * grad / len(seeds)
+                if k == k_last and shrink:
+                    self._add(p, i, z, eps)  # θ restored before the decay/proximal terms read it
+                    self._shrink(p, i, shrink, pull)
+                    self._add(p, i, z, step)
+                else:
+                    self._add(p, i, z, step + eps if k == k_last else step)
+
+    def _shrink(self, p: torch.Tensor, index: int, shrink: float, pull: float) -> None:
+        """θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref on the trainable coordinates."""
+        mask, anchor = self.masks[index], self.state[p].get("anchor")
+        values = p if mask is None else p.view(-1)[mask]
+        values = values.mul_(1.0 - shrink) if mask is None else values * (1.0 - shrink)
+        if pull and anchor is not None:
+            values.add_(anchor, alpha=pull)
+        if mask is not None:
+            p.view(-1)[mask] = values
+
+    def _start_stage(self, step: int) -> None:
+        stage = self.schedule.stage(step)
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * self.schedule.lr_decay ** stage
+            group["eps"] = group["initial_eps"] * self.schedule.eps_decay ** stage
+        if self.proximal:
+            for i, _, p in self._params():
+                mask = self.masks[i]
+                self.state[p]["anchor"] = (p if mask is None else p.view(-1)[mask]).detach().clone()
 
     # --- the step -----------------------------------------------------------------------------
-    def projected_gradient(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
-        """MeZO: (mean ℓ⁺ - mean ℓ⁻) / 2φ."""
-        return float((loss_plus.double().mean() - loss_minus.double().mean()) / (2 * eps))
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
             raise ValueError("ZerothOrderSGD.step needs a closure returning per-example losses")
         state = self.state["zo"]
+        if self.schedule is not None and self.schedule.starts_stage(state["step"]):
+            self._start_stage(state["step"])
         eps = self.param_groups[0]["eps"]
-        seed = self.step_seed(state["step"])
-        self.perturb(seed, eps)
-        loss_plus = closure()
-        self.perturb(seed, -2 * eps)
-        loss_minus = closure()
-        grad = self.projected_gradient(loss_plus, loss_minus, eps)
-        self.restore_and_update(seed, eps, grad)
+        seeds = [self.step_seed(state["step"], k) for k in range(self.directions)]
+        grads, losses = [], []
+        for k, seed in enumerate(seeds):
+            self.perturb(seed, eps)
+            loss_plus = closure()
+            self.perturb(seed, -2 * eps)
+            loss_minus = closure()
+            grads.append(self.estimator(loss_plus, loss_minus, eps))
+            losses.append((loss_plus + loss_minus) / 2)
+            if k < len(seeds) - 1:
+                self.perturb(seed, eps)
+        self.restore_and_update(seeds, grads)
         state["step"] += 1
-        state["projected_grad"] = grad
-        return (loss_plus + loss_minus) / 2
+        state["projected_grads"] = grads
+        return torch.stack(losses).mean(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["estimator"] = self.estimator.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.estimator.load_state_dict(state_dict.pop("estimator", {}))
+        super().load_state_dict(state_dict)
 
 
+# --- the LightningModule -------------------------------------------------------------------------
 class ZerothOrder(MethodModule):
-    """MeZO: two forward passes per step, dropout off, no backward. Memory = inference."""
+    """Two forward passes per direction, dropout off, no backward: memory = inference.
 
-    name = "mezo"
+    Non-private (MeZO) without `privacy`; with a `PrivacySpec` the estimator clips and adds the
+    calibrated noise, batches are Poisson-sampled and the ledger is stepped before every step.
+    """
+
     dropout_in_training = False
-    optimizer_class: type[ZerothOrderSGD] = ZerothOrderSGD
 
-    def __init__(self, *args: Any, eps: float = 1e-3, seed: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, eps: float = 1e-3, seed: int = 0, directions: int = 1,
+                 clip: float | None = None, clip_target: str | None = None, mechanism: str | None = None,
+                 first_stage: int | None = None, lr_decay: float = 0.5, eps_decay: float = 1.0,
+                 proximal: float = 0.0, mask_fraction: float | None = None, mask_queries: int = 8,
+                 mask_select: str = "largest",
+                 privacy: PrivacySpec | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.eps, self.seed = eps, seed
+        self.eps, self.seed, self.directions = eps, seed, directions
+        self.clip, self.clip_target, self.mechanism = clip, clip_target, mechanism
+        self.schedule = StageSchedule(first_stage, lr_decay, eps_decay) if first_stage else None
+        self.proximal, self.mask_fraction, self.mask_queries = proximal, mask_fraction, mask_queries
+        self.mask_select = mask_select
+        self.privacy = privacy
+        self.ledger = PrivacyLedger(privacy) if privacy is not None else None
+        self.masks: list[torch.Tensor | None] | None = None
+        if privacy is not None and (privacy.clip != clip or privacy.directions != directions):
+            raise ValueError("the privacy statement was calibrated for another clip / number of directions")
+
+    @property
+    def private(self) -> bool:
+        return self.privacy is not None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.mask_fraction and self.masks is None:
+            from dpft.methods.pruning import data_free_mask
+
+            # from the model alone: no private data, so no privacy cost
+            self.masks = data_free_mask(self._optimizer_order(), self.model, self.mask_fraction,
+                                        queries=self.mask_queries, seed=self.seed, select=self.mask_select)
 
     def configure_optimizers(self):
-        return self.optimizer_class(self.param_groups(), lr=self.lr, eps=self.eps, seed=self.seed)
+        estimator = GradientEstimator()
+        if self.private:
+            estimator = PrivateEstimator(self.clip, self.clip_target, self.privacy.noise_multiplier,
+                                         self.privacy.mechanism, self.privacy.expected_batch_size,
+                                         seed=derive_seed(self.seed, 0x4015E))
+        return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed,
+                              directions=self.directions, estimator=estimator, masks=self.masks,
+                              schedule=self.schedule, proximal=self.proximal)
+
+    def _optimizer_order(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups() for p in group["params"]]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         step = self.global_step
+        if self.ledger is not None:
+            self.ledger.step()  # refuses to go past the calibrated budget, before any data are used
+        empty = not batch["examples"]
 
         def closure() -> torch.Tensor:
+            if empty:
+                return torch.zeros(0, device=self.device)
             losses = self.per_example_losses(batch)
-            self.check_finite(losses, step)
+            if not self.private:  # private estimators bound non-finite values and count them
+                self.check_finite(losses, step)
             return losses
 
-        loss = optimizer.step(closure=closure).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["examples"]))
-        self.log("train/projected_grad", optimizer.optimizer.state["zo"]["projected_grad"],
-                 batch_size=len(batch["examples"]))
-        return loss
+        loss = optimizer.step(closure=closure)
+        n = max(len(batch["examples"]), 1)
+        if not empty:
+            self.log("train/loss", loss.mean(), prog_bar=True, batch_size=n)
+        self.log("train/projected_grad", optimizer.optimizer.state["zo"]["projected_grads"][0], batch_size=n)
+        if self.private:
+            self.log("train/batch_size", float(len(batch["examples"])), batch_size=n)
+        return loss.mean() if not empty else loss.new_zeros(())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the step's timing ends here
+        if self.private:  # ε spent at ~50 points of the run and at its end (accounting is not free)
+            done, every = self.ledger.steps, max(1, self.privacy.steps // 50)
+            if done % every == 0 or done == self.privacy.steps:
+                self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ledger is not None:
+            checkpoint["privacy_ledger"] = self.ledger.state_dict()
+        if self.masks is not None:
+            checkpoint["zo_masks"] = self.masks
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ledger is not None:
+            self.ledger.load_state_dict(checkpoint["privacy_ledger"])
+        self.masks = checkpoint.get("zo_masks", self.masks)
+
+    def privacy_block(self) -> dict[str, Any]:
+        if not self.private:
+            return super().privacy_block()
+        block = self.ledger.report()
+        block["clip_target"] = self.clip_target
+        estimator = self.optimizers().optimizer.estimator if self._trainer is not None else None
+        block["nonfinite_scalars"] = getattr(estimator, "nonfinite", 0)
+        return block
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed}
+        out = {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed, "directions": self.directions}
+        if self.private:
+            out.update(clip=self.clip, clip_target=self.clip_target)
+        if self.schedule:
+            out.update(first_stage=self.schedule.first_stage, lr_decay=self.schedule.lr_decay,
+                       eps_decay=self.schedule.eps_decay, proximal=self.proximal)
+        if self.mask_fraction and self.masks is not None:
+            digest = hashlib.sha1(b"".join(m.cpu().numpy().tobytes() for m in self.masks)).hexdigest()
+            out.update(mask_fraction=self.mask_fraction, mask_select=self.mask_select, mask_sha1=digest,
+                       masked_coordinates=sum(int(m.numel()) for m in self.masks))
+        return out

@@ -1,0 +1,1 @@
+"""Accounting and calibration, the ledger, and the noise mechanisms."""

@@ -1,0 +1,87 @@
+"""Private zeroth-order methods end to end: the stated guarantee, the ledger, and early errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from dpft.privacy.accounting import PrivacyConfigError
+from dpft.train import run
+from tests.conftest import requires_data
+
+pytestmark = requires_data
+
+PRIVATE = [("dpzo", "eps1"), ("dpzo_laplace", "pure_eps4"), ("dpzero", "eps2"), ("dpzoso", "eps4"),
+           ("dpzopo", "eps8")]
+BLOCK = {"target_epsilon", "target_delta", "epsilon_spent", "noise_multiplier", "sample_rate",
+         "expected_batch_size", "steps", "clip", "mechanism", "accountant", "adjacency", "sampling"}
+
+
+@pytest.mark.parametrize("model,task", [("opt-tiny", "sst2"), ("roberta-tiny", "sst2-k16")])
+@pytest.mark.parametrize("method,privacy", PRIVATE)
+def test_private_methods_run_and_state_their_guarantee(make_cfg, model, task, method, privacy):
+    cfg = make_cfg(f"model={model}", f"task={task}", f"method={method}", f"privacy={privacy}",
+                   "++method.first_stage=2", "++method.mask_queries=2")
+    results = run(cfg)
+    on_disk = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    p = on_disk["privacy"]
+    assert BLOCK <= set(p)
+    assert p["steps"] == 3 and p["sampling"] == "Poisson" and p["adjacency"] == "add/remove one example"
+    assert 0 < p["epsilon_spent"] <= p["target_epsilon"] == cfg.privacy.target_epsilon
+    assert p["noise_multiplier"] > 0 and p["clip"] == cfg.method.clip
+    assert p["sample_rate"] == pytest.approx(cfg.method.batch_size / on_disk["data_sizes"]["train"])
+    assert p["mechanism"] == ("laplace" if method == "dpzo_laplace" else "gaussian")
+    assert on_disk["summary"]["privacy/epsilon_spent"] == p["epsilon_spent"]
+    assert results["metrics"] == on_disk["metrics"] and "test/acc" in on_disk["metrics"]
+    # Poisson batches vary; every non-empty step costs two forwards
+    assert on_disk["cost"]["forward_passes"] % 2 == 0 and on_disk["cost"]["forward_passes"] <= 6
+
+
+def test_dpzopo_mask_does_not_depend_on_the_training_data(make_cfg):
+    digests = []
+    for data_seed in (0, 1):
+        cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dpzopo", "privacy=eps8", "method.mask_queries=2",
+                       f"task.data_seed={data_seed}", "trainer.max_steps=1")
+        digests.append(run(cfg)["hyperparameters"]["mask_sha1"])
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("method,privacy,message", [
+    ("dpzo", "none", "is private: choose a privacy budget"),
+    ("mezo", "eps2", "is not private"),
+    ("dpzo", "pure_eps4", "use e.g. privacy=eps2"),
+    ("dpzo_laplace", "eps2", "use e.g. privacy=pure_eps4"),
+])
+def test_method_privacy_mismatch_fails_before_training(make_cfg, method, privacy, message):
+    cfg = make_cfg("model=opt-tiny", "task=sst2", f"method={method}", f"privacy={privacy}")
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("privacy.target_epsilon=1e-9 privacy.target_delta=1e-15", "unreachable"), ("privacy.target_epsilon=-1", "target_epsilon"),
+    ("privacy.target_delta=2", "target_delta"), ("method.clip=0", "clip"),
+    ("method.batch_size=100", "batch_size=100 exceeds"),
+])
+def test_bad_privacy_values_fail_before_the_model_is_loaded(make_cfg, monkeypatch, override, match):
+    import dpft.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the privacy request was checked")
+
+    monkeypatch.setattr(dpft.train, "load_model", no_model)
+    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dpzo", "privacy=eps1", *override.split())
+    with pytest.raises((PrivacyConfigError, ValueError), match=match):
+        run(cfg)
+
+
+def test_delta_not_below_one_over_n_warns(make_cfg, caplog):
+    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dpzero", "privacy=eps2", "privacy.target_delta=0.1",
+                   "trainer.max_steps=1")
+    with caplog.at_level(logging.WARNING, logger="dpft"):
+        run(cfg)
+    assert "1/n" in caplog.text
