@@ -70,13 +70,18 @@ def test_offline_models_instantiate_with_tokenizer(name, tmp_path):
 @requires_data
 @pytest.mark.parametrize("method", options("method"))
 def test_every_method_instantiates(method, tmp_path):
+    from dpft.models.peft import apply_peft, select_trainable
     from dpft.models.scoring import build_scorer
-    from dpft.train import build_method, build_task_from_config
+    from dpft.train import build_method, build_task_from_config, calibrate
 
-    cfg = compose_config(["model=opt-tiny", "task=sst2", f"method={method}"], tmp_path)
+    private = bool(compose_config([f"method={method}"], tmp_path).method.get("private"))
+    privacy = "pure_eps4" if method.endswith("laplace") else "eps8" if private else "none"
+    cfg = compose_config(["model=opt-tiny", "task=sst2", f"method={method}", f"privacy={privacy}"], tmp_path)
     task = build_task_from_config(cfg.task)
     scorer = build_scorer(cfg.model.kind, task, load_tokenizer(cfg.model), max_length=64)
-    module = build_method(cfg, load_model(cfg.model), scorer)
+    model = select_trainable(apply_peft(load_model(cfg.model), cfg.method.peft), cfg.method.get("trainable", "all"))
+    extra = {"privacy": calibrate(cfg, dataset_size=1000)} if private else {}
+    module = build_method(cfg, model, scorer, **extra)
     assert isinstance(module, L.LightningModule) and module.name.startswith(method.split("_")[0])
 
 

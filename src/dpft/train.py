@@ -21,8 +21,9 @@ from dpft.config import CONFIG_DIR
 from dpft.data.datamodule import TaskDataModule
 from dpft.data.tasks import build_task
 from dpft.methods.base import MethodModule
+from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.models.loading import count_parameters, load_model, load_tokenizer
-from dpft.models.peft import apply_peft
+from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
 from dpft.results import build_results, format_table, peak_memory_bytes, write_results
@@ -30,7 +31,7 @@ from dpft.results import build_results, format_table, peak_memory_bytes, write_r
 log = logging.getLogger("dpft")
 
 # method-config keys that configure the run, not the LightningModule's constructor
-RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private")
+RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private", "trainable", "mechanism")
 # task-config keys read here; the others (num_train, ...) are options of the task's protocol
 TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
 
@@ -47,6 +48,24 @@ def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) 
     module = factory(model=model, scorer=scorer, **extra)
     module.name = cfg.method.name
     return module
+
+
+def validate_method(cfg: DictConfig) -> None:
+    """Values that can be wrong, checked before any data or model is loaded."""
+    m = cfg.method
+    checks = [("method.lr", m.get("lr", 0.0), lambda v: v >= 0, ">= 0"),
+              ("method.batch_size", m.batch_size, lambda v: v >= 1, ">= 1"),
+              ("method.eval_batch_size", m.eval_batch_size, lambda v: v >= 1, ">= 1"),
+              ("trainer.max_steps", cfg.trainer.max_steps, lambda v: v >= 0, ">= 0")]
+    if "clip" in m:
+        checks.append(("method.clip", m.clip, lambda v: v > 0, "> 0"))
+    if "eps" in m:
+        checks.append(("method.eps", m.eps, lambda v: v > 0, "> 0 (the perturbation scale φ)"))
+    for key, value, ok, valid in checks:
+        if value is None or not ok(value):
+            raise ValueError(f"{key}={value} is invalid: must be {valid}")
+    if "optimizer" in m and m.optimizer not in OPTIMIZERS:
+        raise ValueError(f"method.optimizer={m.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
 
 
 def check_privacy_pair(cfg: DictConfig) -> bool:
@@ -94,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    validate_method(cfg)
     private = check_privacy_pair(cfg)
     task = build_task_from_config(cfg.task)
     check_compatible(cfg.model.kind, task, cfg.model.name)
@@ -113,11 +133,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     extra = {"privacy": calibrate(cfg, len(datamodule.data["train"]))} if private else {}
 
     model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
+    select_trainable(model, cfg.method.get("trainable", "all"))
     module = build_method(cfg, model, scorer, **extra)
 
     logger = build_logger(cfg)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-                        default_root_dir=str(output_dir))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if "val" not in needed:
+        trainer_kwargs["limit_val_batches"] = 0
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, default_root_dir=str(output_dir))
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -269,14 +269,14 @@ class ZerothOrder(MethodModule):
     dropout_in_training = False
 
     def __init__(self, *args: Any, eps: float = 1e-3, seed: int = 0, directions: int = 1,
-                 clip: float | None = None, clip_target: str | None = None, mechanism: str | None = None,
+                 clip: float | None = None, clip_target: str | None = None,
                  first_stage: int | None = None, lr_decay: float = 0.5, eps_decay: float = 1.0,
                  proximal: float = 0.0, mask_fraction: float | None = None, mask_queries: int = 8,
                  mask_select: str = "largest",
                  privacy: PrivacySpec | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.eps, self.seed, self.directions = eps, seed, directions
-        self.clip, self.clip_target, self.mechanism = clip, clip_target, mechanism
+        self.clip, self.clip_target = clip, clip_target
         self.schedule = StageSchedule(first_stage, lr_decay, eps_decay) if first_stage else None
         self.proximal, self.mask_fraction, self.mask_queries = proximal, mask_fraction, mask_queries
         self.mask_select = mask_select

@@ -104,6 +104,8 @@ def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
     source = resolve_source(model_cfg.get("pretrained"))
     if source is not None:
         kwargs: dict[str, Any] = {"dtype": dtype}
+        if kind == "classifier" and AutoConfig.from_pretrained(source).model_type == "bert":
+            kwargs["add_pooling_layer"] = False  # the head mean-pools; an unused pooler would only cost
         if model_cfg.get("device_map"):
             kwargs["device_map"] = model_cfg.device_map
         try:

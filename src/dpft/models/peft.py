@@ -38,3 +38,34 @@ def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
 
 def _prefix_task_type(model: nn.Module) -> str:
     return "CAUSAL_LM" if model.__class__.__name__.endswith("ForCausalLM") else "FEATURE_EXTRACTION"
+
+
+TRAINABLE_MODES = ("all", "no_embeddings", "head")
+
+
+def select_trainable(model: nn.Module, mode: str) -> nn.Module:
+    """Which weights train (applied after peft, which has already frozen all but its adapters).
+
+    all: everything peft left trainable; no_embeddings: also freeze embedding tables (and the LM
+    head tied to them), the usual choice for DP full fine-tuning; head: only the classification head
+    (classifier) or the last transformer block (language models).
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"method.trainable={mode!r} is not one of {TRAINABLE_MODES}")
+    if mode == "no_embeddings":
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.requires_grad_(False)  # a tied LM head shares this Parameter
+    elif mode == "head":
+        head = getattr(model, "head", None) if hasattr(model, "encoder") else _last_block(model)
+        model.requires_grad_(False)
+        head.requires_grad_(True)
+    return model
+
+
+def _last_block(model: nn.Module) -> nn.Module:
+    blocks = [m for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "layer") and len(m)]
+    if not blocks:
+        raise ValueError(f"method.trainable=head: no transformer block list found in {type(model).__name__}")
+    return blocks[-1][-1]

@@ -1,0 +1,187 @@
+"""Per-example gradient norms and clipped sums in one backward pass ("book-keeping").
+
+Hooks record each supported layer's input a and output gradient g during one ordinary backward of
+Σ_i ℓ_i. From them, per example i and layer:
+
+- norms: Linear ‖Σ_t g_itᵀ a_it‖², either materialised (B·d_out·d_in) or by the ghost-norm identity
+  Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·T²), whichever is smaller; LayerNorm and Embedding likewise;
+- the clipped sum Σ_i c_i ∇ℓ_i is then one weighted contraction per layer (c_i folded into g), with
+  no per-example gradient ever stored for the whole model and no second backward.
+
+Why not Opacus: its hooks fail on OPT (and BERT's embeddings) under transformers 5 here, and its
+ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
+B × |θ| gradients and HF models are not all vmap-safe. This implementation needs only per-layer
+rules, and is checked against a one-example-at-a-time loop in the tests.
+
+Supported layers: nn.Linear (incl. peft's LoRA factors), nn.LayerNorm, nn.Embedding. A trainable
+parameter anywhere else, or one shared by two layers (tied embeddings), is refused with its name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+SUPPORTED_MODES = "full (all non-embedding weights), lora (method.peft.mode=lora), head (method.trainable=head)"
+
+
+class UnsupportedLayerError(ValueError):
+    pass
+
+
+class PerExampleGradients:
+    """Hooks on the layers that own trainable parameters. Use `capture()` around the forward pass."""
+
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter]):
+        trainable = {id(p) for p in params}
+        self.layers: list[tuple[str, nn.Module]] = []
+        owner: dict[int, str] = {}
+        elsewhere: dict[int, str] = {}  # trainable parameters seen on unsupported modules
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in trainable]
+            if not own:
+                continue
+            if not isinstance(module, SUPPORTED):
+                elsewhere.update({id(p): f"{name!r} ({type(module).__name__})" for p in own})
+                continue
+            for p in own:
+                if id(p) in owner:
+                    raise UnsupportedLayerError(
+                        f"per-example gradients: a parameter is shared by {owner[id(p)]!r} and {name!r} (tied "
+                        f"weights); freeze it (method.trainable=no_embeddings freezes embeddings) or untie it")
+                owner[id(p)] = name
+            self.layers.append((name, module))
+        # a parameter of an unsupported module is fine when a supported layer uses it too (RoBERTa's tied
+        # lm_head.bias is the bias of lm_head.decoder)
+        orphans = sorted({where for pid, where in elsewhere.items() if pid not in owner})
+        if orphans:
+            raise UnsupportedLayerError(
+                f"per-example gradients: layer {orphans[0]} has trainable parameters but is not supported "
+                f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}). Freeze it or use a supported mode: "
+                f"{SUPPORTED_MODES}")
+        if trainable - set(owner):
+            raise UnsupportedLayerError(f"{len(trainable - set(owner))} trainable parameters belong to no layer")
+        self._capturing = False
+        self._dropped: torch.Tensor | None = None
+        self._acts: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self.layers]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    # --- capture --------------------------------------------------------------------------------
+    def capture(self, batch_size: int) -> PerExampleGradients:
+        self.batch_size = batch_size
+        self._acts.clear()
+        self._grads.clear()
+        self._dropped = None
+        return self
+
+    def drop(self, examples: torch.Tensor) -> None:
+        """Exclude examples (bool [B]) from norms and sums, e.g. those whose loss or gradient is not finite."""
+        self._dropped = examples if examples.any() else None
+
+    def __enter__(self) -> PerExampleGradients:
+        self._capturing = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._capturing = False
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._capturing or not torch.is_grad_enabled():
+            return
+        if self._acts[module]:
+            raise UnsupportedLayerError(f"layer {type(module).__name__} is called twice in one forward pass; "
+                                        "per-example gradients need one call per layer")
+        self._acts[module].append(inputs[0].detach())
+        output.register_hook(lambda grad, module=module: self._grads[module].append(grad.detach()))
+
+    # --- per-layer rules --------------------------------------------------------------------------
+    def _pairs(self):
+        for name, module in self.layers:
+            if not self._grads[module]:  # the layer did not influence the loss: zero gradients
+                continue
+            a, g = self._acts[module][0], self._grads[module][0]
+            if not isinstance(module, nn.Embedding) and a.dim() == 2:
+                # (B, d) inputs (a classification head) or tokens flattened to (B·T, d) (OPT's MLP)
+                a, g = a.view(self.batch_size, -1, a.shape[-1]), g.view(self.batch_size, -1, g.shape[-1])
+            if self._dropped is not None:  # examples with non-finite values contribute nothing
+                keep = (~self._dropped).view(-1, *([1] * (g.dim() - 1)))
+                g = torch.where(keep, g.float(), 0.0)
+                if a.is_floating_point():
+                    a = torch.where(keep, a, 0.0)
+            yield name, module, a, g.float()
+
+    @staticmethod
+    def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(a.float(), module.normalized_shape, None, None, module.eps)
+
+    def norms_by_layer(self) -> dict[str, torch.Tensor]:
+        """Squared per-example gradient norm of each layer's trainable parameters, {name: [B]}."""
+        out = {}
+        for name, module, a, g in self._pairs():
+            total = g.new_zeros(g.shape[0])
+            if isinstance(module, nn.Linear):
+                if module.weight.requires_grad:
+                    a32 = a.float()
+                    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+                    if t * t < d_in * d_out:  # ghost norm
+                        total += torch.einsum("bts,bts->b", a32 @ a32.transpose(1, 2), g @ g.transpose(1, 2))
+                    else:
+                        total += torch.einsum("bto,bti->boi", g, a32).pow(2).sum((1, 2))
+                if module.bias is not None and module.bias.requires_grad:
+                    total += g.sum(1).pow(2).sum(1)
+            elif isinstance(module, nn.LayerNorm):
+                if module.weight is not None and module.weight.requires_grad:
+                    total += (g * self._normalized(module, a)).sum(1).pow(2).sum(1)
+                if module.bias is not None and module.bias.requires_grad:
+                    total += g.sum(1).pow(2).sum(1)
+            else:  # Embedding: rows of the same token add up
+                g = self._embedding_grad(module, a, g)
+                same = (a.unsqueeze(2) == a.unsqueeze(1)).float()
+                total += torch.einsum("bts,bts->b", same, g @ g.transpose(1, 2))
+            out[name] = total
+        return out
+
+    @staticmethod
+    def _embedding_grad(module: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if module.padding_idx is not None:  # F.embedding gives the padding row no gradient
+            g = g * (ids != module.padding_idx).unsqueeze(-1)
+        return g
+
+    def accumulate(self, factors: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """p.summed_grad = Σ_i c_i ∇_p ℓ_i, with c per example ([B]) or per layer ({name: [B]})."""
+        for _, module in self.layers:
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    p.summed_grad = torch.zeros_like(p)
+        for name, module, a, g in self._pairs():
+            c = factors[name] if isinstance(factors, dict) else factors
+            gc = g * c.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+            grads: dict[str, torch.Tensor] = {}
+            if isinstance(module, nn.Linear):
+                grads["weight"] = torch.einsum("bto,bti->oi", gc, a.float())
+                grads["bias"] = gc.sum((0, 1))
+            elif isinstance(module, nn.LayerNorm):
+                grads["weight"] = (gc * self._normalized(module, a)).sum((0, 1))
+                grads["bias"] = gc.sum((0, 1))
+            else:
+                gc = self._embedding_grad(module, a, gc)
+                weight = torch.zeros(module.weight.shape, dtype=gc.dtype, device=gc.device)
+                grads["weight"] = weight.index_add_(0, a.flatten(), gc.reshape(-1, gc.shape[-1]))
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad and pname in grads:
+                    p.summed_grad = grads[pname].to(p.dtype)
+
+
+def trainable_groups(per_example: PerExampleGradients) -> list[str]:
+    """Layer names, in model order: the finest grouping the per-layer norms support."""
+    return [name for name, _ in per_example.layers]

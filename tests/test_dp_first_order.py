@@ -1,0 +1,194 @@
+"""DP-SGD and ANADP: per-example gradients against a naive loop, clipping, noise, and the allocation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpft.data.tasks import build_task
+from dpft.methods.dp_first_order import AdaptiveNoiseDPOptimizer, DPOptimizer
+from dpft.models.loading import load_model, load_tokenizer
+from dpft.models.peft import apply_peft, select_trainable
+from dpft.models.scoring import build_scorer
+from dpft.privacy.noise import NoiseSource
+from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
+from tests.conftest import compose_config, requires_data
+
+pytestmark = requires_data
+
+CASES = [("opt-tiny", "sst2", "none"), ("opt-tiny", "sst2", "lora"), ("roberta-tiny", "sst2-k16", "none"),
+         ("roberta-tiny", "sst2-k16", "lora"), ("opt-tiny", "copa", "none")]
+
+
+def _setup(model_name: str, task_name: str, peft: str, trainable: str = "no_embeddings"):
+    cfg = compose_config([f"model={model_name}", f"task={task_name}", "method=dpsgd", f"method.peft.mode={peft}"])
+    task = build_task(task_name, num_train=24, num_dev=8, num_test=8) if "-k" not in task_name else build_task(task_name)
+    scorer = build_scorer(cfg.model.kind, task, load_tokenizer(cfg.model), max_length=48)
+    model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.peft)
+    select_trainable(model, trainable if peft == "none" else "all")
+    model.eval()  # dropout off: the per-example and one-at-a-time gradients must see the same function
+    params = [p for p in model.parameters() if p.requires_grad]
+    # variable lengths: these examples pad differently in a batch than alone
+    examples = sorted(task.splits(("train",))["train"], key=lambda ex: len(str(ex.fields)))[::5][:5]
+    return model, scorer, params, examples
+
+
+def _naive(model, scorer, params, examples) -> list[list[torch.Tensor]]:
+    grads = []
+    for ex in examples:
+        loss = scorer.losses(model, scorer.collate([ex], train=True))[0]
+        grads.append([g.detach() for g in torch.autograd.grad(loss, params, allow_unused=True)])
+    return [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads]
+
+
+def _captured(model, scorer, params, examples):
+    per_example = PerExampleGradients(model, params)
+    batch = scorer.collate(examples, train=True)
+    assert batch["attention_mask"].sum(1).unique().numel() > 1  # really padded
+    with per_example.capture(len(examples)):
+        losses = scorer.losses(model, batch)
+    losses.sum().backward()
+    return per_example
+
+
+@pytest.mark.parametrize("model_name,task_name,peft", CASES)
+def test_per_example_norms_and_clipped_sums_equal_a_naive_loop(model_name, task_name, peft):
+    model, scorer, params, examples = _setup(model_name, task_name, peft)
+    naive = _naive(model, scorer, params, examples)
+    naive_norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in naive])
+    per_example = _captured(model, scorer, params, examples)
+    norms = torch.stack(list(per_example.norms_by_layer().values())).sum(0).sqrt()
+    torch.testing.assert_close(norms, naive_norms, rtol=1e-4, atol=1e-7)
+    factors = torch.tensor([0.3, 1.0, 0.0, 2.5, 0.7])[: len(examples)]
+    per_example.accumulate(factors)
+    for j, p in enumerate(params):
+        expected = sum(c * gs[j] for c, gs in zip(factors, naive))
+        torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def _dp(per_example, params, sigma: float, clip: float, batch: float, cls=DPOptimizer, **kw):
+    return cls(per_example, params, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=batch,
+               noise=NoiseSource("gaussian", 0), **kw)
+
+
+def test_zero_noise_and_huge_clip_equal_the_non_private_step():
+    model, scorer, params, examples = _setup("roberta-tiny", "sst2-k16", "none")
+    batch = scorer.collate(examples, train=True)
+    reference = torch.autograd.grad(scorer.losses(model, batch).mean(), params)
+    per_example = _captured(model, scorer, params, examples)
+    dp = _dp(per_example, params, sigma=0.0, clip=1e10, batch=len(examples))
+    dp.pre_step(empty=False)
+    for p, ref in zip(params, reference):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-8)  # equal up to summation order
+
+
+def test_each_clipped_contribution_is_bounded_by_c():
+    model, scorer, params, examples = _setup("opt-tiny", "sst2", "none")
+    naive = _naive(model, scorer, params, examples)
+    per_example = _captured(model, scorer, params, examples)
+    dp = _dp(per_example, params, sigma=0.0, clip=1e-3, batch=1.0)
+    dp.clip_and_accumulate()
+    factors = (1e-3 / (dp.last_norms + 1e-6)).clamp(max=1.0)
+    for c, gs in zip(factors, naive):
+        assert torch.sqrt(sum((c * g).pow(2).sum() for g in gs)) <= 1e-3 * (1 + 1e-4)
+    total = torch.sqrt(sum(p.summed_grad.pow(2).sum() for p in params))
+    assert total <= len(examples) * 1e-3 * (1 + 1e-4)
+
+
+def test_empirical_noise_std_matches_sigma_c():
+    model, scorer, params, _ = _setup("roberta-tiny", "sst2-k16", "none")
+    per_example = PerExampleGradients(model, params)
+    dp = _dp(per_example, params, sigma=1.3, clip=0.5, batch=4.0)
+    dp.pre_step(empty=True)  # empty Poisson batch: pure noise
+    noise = torch.cat([p.grad.flatten() for p in params]) * 4.0
+    assert noise.numel() > 5000
+    # SE of the sample std over n > 5000 draws is σC/√(2n) < 1%
+    assert noise.std().item() == pytest.approx(1.3 * 0.5, rel=0.04)
+    assert abs(noise.mean().item()) < 5 * 0.65 / math.sqrt(noise.numel())
+
+
+def test_unsupported_layers_and_tied_weights_are_refused_with_the_fix():
+    model, _, _, _ = _setup("opt-tiny", "sst2", "none", trainable="all")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(UnsupportedLayerError, match="tied"):
+        PerExampleGradients(model, params)
+    model, _, _, _ = _setup("opt-tiny", "sst2", "none")
+    model.model.decoder.layers[0].self_attn.register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
+    with pytest.raises(UnsupportedLayerError, match="OPTAttention.*supported mode"):
+        PerExampleGradients(model, [p for p in model.parameters() if p.requires_grad])
+
+
+# --- ANADP -----------------------------------------------------------------------------------------
+class PerLayerClipDPOptimizer(DPOptimizer):
+    """DP-SGD with per-layer clipping C/√K and noise σC: overrides one piece, as Opacus variants do."""
+
+    def clip_and_accumulate(self) -> None:
+        norms = {k: v.sqrt() for k, v in self.per_example.norms_by_layer().items()}
+        clip = self.max_grad_norm / math.sqrt(len(self.per_example.layers))
+        self.per_example.accumulate({k: (clip / (n + 1e-6)).clamp(max=1.0) for k, n in norms.items()})
+
+
+def _anadp_setup(**kw):
+    model, scorer, params, examples = _setup("roberta-tiny", "sst2-k16", "lora")
+    per_example = PerExampleGradients(model, params)
+    batch = scorer.collate(examples, train=True)
+
+    def backward():
+        for p in params:
+            p.grad = None
+        with per_example.capture(len(examples)):
+            losses = scorer.losses(model, batch)
+        losses.sum().backward()
+
+    return params, per_example, backward
+
+
+def test_anadp_allocation_keeps_the_privacy_of_one_gaussian_at_every_step():
+    params, per_example, backward = _anadp_setup()
+    dp = _dp(per_example, params, 1.1, 0.5, 4.0, AdaptiveNoiseDPOptimizer, warmup_steps=2, mix=0.8)
+    seen = set()
+    for _ in range(6):
+        backward()
+        dp.pre_step(empty=False)
+        for p in params:
+            p.data.add_(p.grad, alpha=-1e-2)
+        assert sum(s ** -2 for s in dp.sigmas.values()) == pytest.approx(1.1 ** -2, rel=1e-9)
+        seen.add(tuple(round(s, 6) for s in dp.sigmas.values()))
+    assert len(seen) > 2  # the allocation moves with importance
+
+
+def test_anadp_with_uniform_importance_is_dp_sgd_with_per_group_clipping():
+    params, per_example, backward = _anadp_setup()
+    anadp = _dp(per_example, params, 1.1, 0.5, 4.0, AdaptiveNoiseDPOptimizer, mix=0.0, warmup_steps=0)
+    backward()
+    anadp.pre_step(empty=False)
+    anadp_grads = [p.grad.clone() for p in params]
+    reference = _dp(per_example, params, 1.1, 0.5, 4.0, PerLayerClipDPOptimizer)
+    backward()
+    reference.pre_step(empty=False)
+    for a, b in zip(anadp_grads, params):
+        torch.testing.assert_close(a, b.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_anadp_importance_reads_only_the_noised_gradient(monkeypatch):
+    params, per_example, backward = _anadp_setup()
+    dp = _dp(per_example, params, 50.0, 0.5, 4.0, AdaptiveNoiseDPOptimizer, beta1=0.0, warmup_steps=100)
+    clean = {}
+    original = DPOptimizer.add_noise
+
+    def spy(self):
+        clean.update({id(p): p.summed_grad.clone() / self.expected_batch_size for p in self.params})
+        original(self)
+
+    monkeypatch.setattr(DPOptimizer, "add_noise", spy)
+    backward()
+    before = {id(p): p.detach().clone() for p in params}
+    dp.pre_step(empty=False)
+    group = dp.groups[0]
+    members = [p for p in params if dp.group_of[id(p)] == group]
+    from_noised = float(torch.cat([(before[id(p)] * p.grad).abs().flatten() for p in members]).mean())
+    from_clean = float(torch.cat([(before[id(p)] * clean[id(p)]).abs().flatten() for p in members]).mean())
+    assert dp.sensitivity[group] == pytest.approx(from_noised, rel=1e-6)  # β1 = 0: the current estimate
+    assert abs(from_noised - from_clean) > 0.5 * from_noised  # so reading the clean gradient would fail here
