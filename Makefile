@@ -16,7 +16,7 @@ export WANDB_SILENT ?= true
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean
+.PHONY: help install demo test test-full lint format clean bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,16 @@ test: install ## run the test suite (fast tests; what CI runs)
 
 test-full: install ## run every test, the slow ones too
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, batches -> bench.json (long on CPU)
+	$(BIN)/dpft-bench --out bench.json
+
+bench-quick: $(VENV)/.bench-installed ## the OPT-125m / RoBERTa-base, batch 16, length 128 point only (minutes)
+	$(BIN)/dpft-bench --quick --out bench.json
 
 lint: install ## ruff check
 	$(BIN)/ruff check src tests

@@ -145,3 +145,20 @@ def test_step_never_touches_the_global_rng():
     state = torch.get_rng_state()
     opt.step(_closure(model, *_batch()))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_per_parameter_seeding_is_independent_of_parameter_order():
+    x, y = _batch()
+    names = [n for n, _ in _model().named_parameters()]
+
+    def train(order: list[int]) -> dict[str, torch.Tensor]:
+        model = _model()
+        params = dict(model.named_parameters())
+        chosen = [names[i] for i in order]
+        opt = ZerothOrderSGD([params[n] for n in chosen], lr=1e-2, eps=1e-3, seed=2, param_names=chosen)
+        for _ in range(3):
+            opt.step(_closure(model, x, y))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight, permuted = train([0, 1, 2, 3]), train([3, 1, 0, 2])
+    assert all(torch.equal(straight[n], permuted[n]) for n in names)

@@ -6,7 +6,7 @@ One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k
     θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
 The last restore is folded into the update (one pass over the parameters). z is drawn from a
-dedicated generator reseeded per parameter from (step seed, parameter index): the global RNG is
+dedicated generator reseeded per parameter from (step seed, parameter name): the global RNG is
 never touched, and a parameter's direction does not depend on the others (order, placement).
 
 What the variants change:
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +138,7 @@ class ZerothOrderSGD(Optimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  directions: int = 1, estimator: GradientEstimator | None = None,
                  masks: Sequence[torch.Tensor | None] | None = None, schedule: StageSchedule | None = None,
-                 proximal: float = 0.0):
+                 proximal: float = 0.0, param_names: Sequence[str] | None = None):
         if lr < 0 or eps <= 0 or directions < 1:
             raise ValueError(f"need lr >= 0, eps (perturbation scale φ) > 0 and directions >= 1; got lr={lr}, "
                              f"eps={eps}, directions={directions}")
@@ -149,7 +151,13 @@ class ZerothOrderSGD(Optimizer):
         self.masks = list(masks) if masks is not None else [None] * n_params
         if len(self.masks) != n_params:
             raise ValueError(f"{len(self.masks)} masks for {n_params} parameters")
-        self._generators: dict[torch.device, torch.Generator] = {}
+        # a parameter's direction is seeded by its name when given (independent of order and placement)
+        names = list(param_names) if param_names is not None else [str(i) for i in range(n_params)]
+        if len(names) != n_params or len(set(names)) != n_params:
+            raise ValueError("param_names must name each parameter once")
+        self._keys = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=8).digest(), "little") for n in names]
+        self._local = threading.local()  # one generator per (thread, device)
+        self._pool: ThreadPoolExecutor | None = None
         self.state["zo"] = {"step": 0, "projected_grads": []}
 
     # --- directions -----------------------------------------------------------------------------
@@ -163,12 +171,27 @@ class ZerothOrderSGD(Optimizer):
                 yield index, group, p
                 index += 1
 
+    def _for_each_param(self, fn: Callable[[int, dict, torch.Tensor], None]) -> None:
+        """Run fn on every parameter. On CPU, parameters are spread over threads: generating z is the
+        cost of a ZO step beyond its forwards, randn runs on one core, and each parameter's z comes
+        from its own seed, so the result does not depend on the scheduling."""
+        items = list(self._params())
+        if len(items) > 1 and all(p.device.type == "cpu" for _, _, p in items) and torch.get_num_threads() > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(torch.get_num_threads())
+            for future in [self._pool.submit(fn, *item) for item in items]:
+                future.result()
+        else:
+            for item in items:
+                fn(*item)
+
     def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
         """z for parameter `index` (only its masked coordinates when it has a mask)."""
-        gen = self._generators.get(p.device)
+        generators = self._local.__dict__.setdefault("generators", {})
+        gen = generators.get(p.device)
         if gen is None:
-            gen = self._generators[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(derive_seed(seed, index))
+            gen = generators[p.device] = torch.Generator(device=p.device)
+        gen.manual_seed(derive_seed(seed, self._keys[index]))
         mask = self.masks[index]
         shape = p.shape if mask is None else mask.shape
         return torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype)
@@ -180,16 +203,19 @@ class ZerothOrderSGD(Optimizer):
         else:  # in place on the parameter itself (indexing a parameter returns a copy)
             p.view(-1).index_add_(0, mask, z, alpha=alpha)
 
-    @torch.no_grad()
     def perturb(self, seed: int, scale: float) -> None:
-        for i, _, p in self._params():
+        @torch.no_grad()
+        def one(i: int, group: dict, p: torch.Tensor) -> None:
             self._add(p, i, self._z(p, i, seed), scale)
 
-    @torch.no_grad()
+        self._for_each_param(one)
+
     def restore_and_update(self, seeds: list[int], grads: list[float]) -> None:
         """From θ - φz_K: restore the last direction and apply the whole update, in one pass."""
         k_last = len(seeds) - 1
-        for i, group, p in self._params():
+
+        @torch.no_grad()
+        def one(i: int, group: dict, p: torch.Tensor) -> None:
             lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
             shrink, pull = lr * (decay + self.proximal), lr * self.proximal
             for k, (seed, grad) in enumerate(zip(seeds, grads)):
@@ -201,6 +227,8 @@ class ZerothOrderSGD(Optimizer):
                     self._add(p, i, z, step)
                 else:
                     self._add(p, i, z, step + eps if k == k_last else step)
+
+        self._for_each_param(one)
 
     def _shrink(self, p: torch.Tensor, index: int, shrink: float, pull: float) -> None:
         """θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref on the trainable coordinates."""
@@ -304,9 +332,11 @@ class ZerothOrder(MethodModule):
             estimator = PrivateEstimator(self.clip, self.clip_target, self.privacy.noise_multiplier,
                                          self.privacy.mechanism, self.privacy.expected_batch_size,
                                          seed=derive_seed(self.seed, 0x4015E))
-        return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed,
-                              directions=self.directions, estimator=estimator, masks=self.masks,
-                              schedule=self.schedule, proximal=self.proximal)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                              seed=self.seed, directions=self.directions, estimator=estimator, masks=self.masks,
+                              schedule=self.schedule, proximal=self.proximal,
+                              param_names=[names[id(p)] for p in self._optimizer_order()])
 
     def _optimizer_order(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups() for p in group["params"]]

@@ -1,0 +1,323 @@
+"""`dpft-bench`: speed and memory ratios, each measured side by side in one process on the same batch.
+
+    dpft-bench --quick --out bench.json     # OPT-125m shape, batch 16, length 128 (a few minutes on CPU)
+    dpft-bench --out bench.json             # shapes × lengths {64, 256} × batches {8, 32}
+
+Ratios (`name` in bench.json):
+- zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
+- zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (separate processes on CPU)
+- zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it
+- dpsgd_step_over_nonprivate      our DP-AdamW step (full / LoRA) over a non-private AdamW step
+- opacus_step_over_nonprivate     Opacus's hook-based DP step over the same non-private step (where it runs)
+- zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
+Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
+Random weights of the real shapes: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from dpft.config import CONFIG_DIR
+from dpft.methods.zeroth_order import GradientEstimator, PrivateEstimator, ZerothOrderSGD
+from dpft.models.loading import load_model
+
+TARGETS = {"zo_step_over_two_forwards": 1.15, "zo_peak_memory_over_inference": 1.05,
+           "zo_step_over_mezo_reference": 0.8, "dpsgd_step_over_nonprivate": 1.5}
+
+
+# --- models and batches ------------------------------------------------------------------------
+def build(shape: str, device: str) -> nn.Module:
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{shape}.yaml")
+    cfg.pretrained = None
+    cfg.dtype = "float32"
+    return load_model(cfg).to(device).eval()
+
+
+def make_batch(model: nn.Module, batch: int, length: int, device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (batch, length), generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "causal": model.config.model_type == "opt"}
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token (causal) or same-token (masked) cross-entropy, averaged per example."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"]
+    if batch["causal"]:
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return loss.view(targets.shape).mean(1)
+
+
+# --- timing --------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function, run interleaved after one warm-up call each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1e-3, lr: float = 1e-6) -> None:
+    """The public MeZO code's step: global reseeding, four regenerations of z, out-of-place updates."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * eps
+
+    with torch.inference_mode():
+        perturb(1)
+        loss1 = per_example_loss(model, batch).mean()
+        perturb(-2)
+        loss2 = per_example_loss(model, batch).mean()
+        perturb(1)
+        grad = float((loss1 - loss2) / (2 * eps))
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data - lr * grad * z
+
+
+def zo_optimizer(model: nn.Module, method: str, batch_size: int) -> ZerothOrderSGD:
+    estimator = {"mezo": GradientEstimator(),
+                 "dpzo": PrivateEstimator(0.05, "difference", 1.0, "gaussian", batch_size, seed=0),
+                 "dpzero": PrivateEstimator(100.0, "normalized", 1.0, "gaussian", batch_size, seed=0)}[method]
+    return ZerothOrderSGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, eps=1e-3, seed=0,
+                          estimator=estimator)
+
+
+# --- measurements --------------------------------------------------------------------------------
+def record(name: str, method: str, shape: str, params: int, batch: int, length: int, device: str,
+           medians: dict[str, float], numerator: str, denominator: str, **extra: Any) -> dict[str, Any]:
+    ratio = medians[numerator] / medians[denominator]
+    return {"name": name, "method": method, "model_shape": shape, "params": params, "batch_size": batch,
+            "seq_len": length, "device": device, "ratio": ratio, "target": TARGETS.get(name),
+            "medians": medians, "numerator": numerator, "denominator": denominator, **extra}
+
+
+def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> list[dict[str, Any]]:
+    model = build(shape, device)
+    data = make_batch(model, batch, length, device)
+    params = sum(p.numel() for p in model.parameters())
+    optimizers = {m: zo_optimizer(model, m, batch) for m in ("mezo", "dpzo", "dpzero")}
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            per_example_loss(model, data)
+            per_example_loss(model, data)
+
+    fns: dict[str, Callable[[], Any]] = {"two_forwards": two_forwards}
+    for method, opt in optimizers.items():
+        fns[f"{method}_step"] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
+    fns["mezo_reference_step"] = lambda: mezo_reference_step(model, data, seed=1)
+    medians = side_by_side(fns, repeats, device)
+    out = [record("zo_step_over_two_forwards", m, shape, params, batch, length, device, medians, f"{m}_step",
+                  "two_forwards") for m in optimizers]
+    out.append(record("zo_step_over_mezo_reference", "mezo", shape, params, batch, length, device, medians,
+                      "mezo_step", "mezo_reference_step"))
+    out.append({**record("zo_seconds_per_step", "mezo", shape, params, batch, length, device, medians,
+                         "mezo_step", "two_forwards"), "ratio": medians["mezo_step"] / (params / 1e8)})
+    return out
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> float:
+    """Peak memory while `fn` runs: allocated bytes on GPU; on CPU the process's peak RSS (VmHWM),
+    reset before the call through /proc/self/clear_refs (Linux)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated())
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    status = Path("/proc/self/status").read_text()
+    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+
+
+def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, Any]:
+    """Peak memory of a DP-ZO step over that of one forward pass on the same batch (weights included)."""
+    model = build(shape, device)
+    data = make_batch(model, batch, length, device)
+    opt = zo_optimizer(model, "dpzo", batch)
+
+    def inference() -> None:
+        with torch.no_grad():
+            per_example_loss(model, data)
+
+    def zo_step() -> None:
+        opt.step(lambda: per_example_loss(model, data))
+
+    inference(), zo_step()  # warm-up: allocator caches, lazy buffers
+    peaks = {"inference": peak_memory(inference, device), "zo_step": peak_memory(zo_step, device)}
+    params = sum(p.numel() for p in model.parameters())
+    return record("zo_peak_memory_over_inference", "dpzo", shape, params, batch, length, device, peaks, "zo_step",
+                  "inference", unit="bytes", measure="peak RSS (VmHWM)" if device == "cpu" else "peak allocated")
+
+
+def bench_dpsgd(shape: str, batch: int, length: int, device: str, repeats: int) -> list[dict[str, Any]]:
+    return [r for mode in ("full", "lora") for r in _bench_dpsgd_mode(shape, mode, batch, length, device, repeats)]
+
+
+def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: str,
+                      repeats: int) -> list[dict[str, Any]]:
+    from dpft.methods.dp_first_order import DPOptimizer
+    from dpft.models.peft import apply_peft, select_trainable
+    from dpft.privacy.noise import NoiseSource
+    from dpft.privacy.per_example import PerExampleGradients
+
+    out = []
+    model = build(shape, device)
+    peft_cfg = OmegaConf.create({"mode": "lora" if mode == "lora" else "none", "r": 8, "alpha": 16})
+    model = select_trainable(apply_peft(model, peft_cfg), "no_embeddings" if mode == "full" else "all")
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = make_batch(model, batch, length, device)
+    adam = torch.optim.AdamW(params, lr=1e-5)
+    per_example = PerExampleGradients(model, params)
+    dp = DPOptimizer(per_example, params, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+                     noise=NoiseSource("gaussian", 0, device))
+
+    def nonprivate() -> None:
+        adam.zero_grad(set_to_none=True)
+        per_example_loss(model, data).mean().backward()
+        adam.step()
+
+    def private() -> None:
+        adam.zero_grad(set_to_none=True)
+        with per_example.capture(batch):
+            losses = per_example_loss(model, data)
+        losses.sum().backward()
+        dp.pre_step(empty=False)
+        adam.step()
+
+    fns = {"nonprivate_step": nonprivate, "dpsgd_step": private}
+    opacus_error = None
+    if shape.startswith("roberta"):
+        opacus_fn, opacus_error = _opacus_step(shape, mode, batch, data, device)
+        if opacus_fn is not None:
+            fns["opacus_step"] = opacus_fn
+    medians = side_by_side(fns, repeats, device)
+    n = sum(p.numel() for p in model.parameters())
+    out.append(record("dpsgd_step_over_nonprivate", f"dpsgd_{mode}", shape, n, batch, length, device, medians,
+                      "dpsgd_step", "nonprivate_step"))
+    if "opacus_step" in medians:
+        out.append(record("opacus_step_over_nonprivate", f"opacus_{mode}", shape, n, batch, length, device,
+                          medians, "opacus_step", "nonprivate_step"))
+    elif opacus_error:
+        out.append({"name": "opacus_step_over_nonprivate", "method": f"opacus_{mode}", "model_shape": shape,
+                    "params": n, "batch_size": batch, "seq_len": length, "device": device, "ratio": None,
+                    "target": None, "medians": {}, "error": opacus_error})
+    per_example.remove()
+    return out
+
+
+def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
+    """Opacus's hook-based per-sample gradients + DPOptimizer on its own copy of the model."""
+    try:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
+
+        from dpft.models.peft import apply_peft, select_trainable
+
+        model = build(shape, device)
+        peft_cfg = OmegaConf.create({"mode": "lora" if mode == "lora" else "none", "r": 8, "alpha": 16})
+        model = select_trainable(apply_peft(model, peft_cfg), "no_embeddings" if mode == "full" else "all")
+        gsm = GradSampleModule(model)
+        params = [p for p in gsm.parameters() if p.requires_grad]
+        opt = OpacusDPOptimizer(torch.optim.AdamW(params, lr=1e-5), noise_multiplier=1.0, max_grad_norm=1.0,
+                                expected_batch_size=batch)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            per_example_loss(gsm, data).sum().backward()
+            opt.step()
+
+        step()
+        return step, None
+    except Exception as err:  # Opacus does not support every architecture here
+        return None, f"{type(err).__name__}: {str(err)[:200]}"
+
+
+# --- entry point --------------------------------------------------------------------------------
+def run(quick: bool, device: str, repeats: int) -> list[dict[str, Any]]:
+    if quick:
+        points = [("opt-125m", 16, 128)]
+        dp_points = [("roberta-base", 16, 128)]
+    else:
+        points = [(s, b, t) for s in ("opt-tiny", "opt-125m", "roberta-base") for t in (64, 256) for b in (8, 32)]
+        dp_points = [(s, b, t) for s in ("opt-125m", "roberta-base") for t in (64, 256) for b in (8, 32)]
+    records = []
+    for shape, batch, length in points:
+        print(f"[bench] zeroth-order {shape} batch={batch} len={length}", flush=True)
+        records += bench_zo(shape, batch, length, device, repeats)
+        records.append(bench_memory(shape, batch, length, device))
+    for shape, batch, length in dp_points:
+        print(f"[bench] DP-SGD {shape} batch={batch} len={length}", flush=True)
+        records += bench_dpsgd(shape, batch, length, device, repeats)
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| measurement | method | shape | batch × len | device | ratio | target |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        ratio = "n/a" if r["ratio"] is None else (f"{r['ratio']:.3f} s/1e8 params" if r["name"] == "zo_seconds_per_step"
+                                                  else f"{r['ratio']:.3f}")
+        target = "" if r["target"] is None else f"≤ {r['target']}"
+        if r["ratio"] is not None and r["target"] is not None:
+            target += " ✓" if r["ratio"] <= r["target"] else " ✗"
+        lines.append(f"| {r['name']} | {r['method']} | {r['model_shape']} | {r['batch_size']} × {r['seq_len']} | "
+                     f"{r['device']} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only OPT-125m / RoBERTa-base, batch 16, length 128")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: every one available)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    records = []
+    for device in devices:
+        records += run(args.quick, device, args.repeats)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine()}
+    for r in records:
+        r["environment"] = meta
+    args.out.write_text(json.dumps(records, indent=2, default=float) + "\n")
+    print(format_table(records))
+    print(f"\nwrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
