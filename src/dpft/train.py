@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dpft.config import CONFIG_DIR
@@ -101,10 +102,7 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
 
 
 def build_logger(cfg: DictConfig):
-    if not cfg.get("logger"):
-        return False
-    logger = hydra.utils.instantiate(cfg.logger)
-    return logger
+    return hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -145,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
-    if module.trains:
+    if trains:
         trainer.fit(module, datamodule=datamodule)
     elif "val" in needed:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -158,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         params_trainable=trainable, peak_memory=peak_memory_bytes(),
     )
     write_results(results, output_dir / "results.json")
-    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+    if isinstance(logger, WandbLogger):
         logger.experiment.summary.update(results["summary"])
     print(format_table([results]))
     return results

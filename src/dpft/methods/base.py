@@ -22,13 +22,12 @@ class NonFiniteLossError(FloatingPointError):
 class MethodModule(L.LightningModule):
     """Holds the model, the task and its scorer. Subclasses implement `training_step` (manual optimisation).
 
-    Metrics are percentages (accuracy, or SQuAD F1/EM), as the papers report them.
-    `trains` is False for evaluation-only methods. `forward_passes` counts training forwards
+    Metrics are percentages (accuracy, or SQuAD F1/EM), as the papers report them. A method with
+    `method.steps=0` is evaluated only. `forward_passes` counts training forwards
     (one per batch forward, whatever its size) so ZO and first-order costs compare.
     """
 
     name = "base"
-    trains = True
     dropout_in_training = True  # zeroth-order methods turn it off: they estimate a deterministic loss
 
     def __init__(self, model: nn.Module, scorer: Scorer, lr: float = 0.0, weight_decay: float = 0.0):
@@ -130,7 +129,6 @@ class ZeroShot(MethodModule):
     """Evaluation of the pretrained model with the task's prompt; no training."""
 
     name = "zero_shot"
-    trains = False
 
     def configure_optimizers(self):
         return None
