@@ -51,6 +51,9 @@ bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, bat
 bench-quick: $(VENV)/.bench-installed ## the OPT-125m / RoBERTa-base, batch 16, length 128 point only (minutes)
 	$(BIN)/dpft-bench --quick --out bench.json
 
+table-%: install ## run the sweep sweeps/<name>.yaml (LAUNCHER=joblib|slurm), skip finished cells, build the report
+	$(BIN)/dpft-sweep $* $(if $(LAUNCHER),--launcher $(LAUNCHER))
+
 lint: install ## ruff check
 	$(BIN)/ruff check src tests
 

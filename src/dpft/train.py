@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -108,6 +109,10 @@ def build_logger(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the results block (also written to results.json)."""
     output_dir = Path(cfg.paths.output_dir)
+    done = output_dir / "results.json"
+    if cfg.get("skip_existing") and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
+        log.info("skipping %s: it has a completed results.json", output_dir)
+        return json.loads(done.read_text())
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

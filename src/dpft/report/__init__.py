@@ -1,0 +1,1 @@
+"""Collect results.json files into privacy-utility tables and plots."""
