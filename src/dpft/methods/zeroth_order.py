@@ -85,7 +85,6 @@ class PrivateEstimator(GradientEstimator):
         self.noise_multiplier, self.expected_batch_size = noise_multiplier, expected_batch_size
         self.noise = NoiseSource(mechanism if noise_multiplier > 0 else "none", seed)
         self.nonfinite = 0
-        self.last_clean_sum = 0.0  # for tests only: the pre-noise sum
 
     def bound(self, eps: float) -> float:
         return self.clip / (2 * eps) if self.clip_target == "difference" else self.clip
@@ -98,7 +97,6 @@ class PrivateEstimator(GradientEstimator):
 
     def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
         total = self.clipped_sum(loss_plus, loss_minus, eps)
-        self.last_clean_sum = float(total)
         if self.noise_multiplier > 0:
             total = total + self.noise.sample(self.noise_multiplier * self.bound(eps))
         return float(total / self.expected_batch_size)

@@ -181,7 +181,3 @@ class PerExampleGradients:
                 if p.requires_grad and pname in grads:
                     p.summed_grad = grads[pname].to(p.dtype)
 
-
-def trainable_groups(per_example: PerExampleGradients) -> list[str]:
-    """Layer names, in model order: the finest grouping the per-layer norms support."""
-    return [name for name, _ in per_example.layers]
