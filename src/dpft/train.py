@@ -24,7 +24,7 @@ from dpft.data.datamodule import TaskDataModule
 from dpft.data.tasks import build_task
 from dpft.methods.base import MethodModule
 from dpft.methods.dp_first_order import OPTIMIZERS
-from dpft.models.loading import count_parameters, load_model, load_tokenizer
+from dpft.models.loading import count_parameters, init_classifier_head, load_model, load_tokenizer
 from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
@@ -135,7 +135,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # calibrate before loading the model: an impossible budget fails in seconds
     extra = {"privacy": calibrate(cfg, len(datamodule.data["train"]))} if private else {}
 
-    model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
+    model = load_model(cfg.model, num_labels=task.num_labels)
+    if cfg.model.kind == "classifier":
+        init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
+    model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
     module = build_method(cfg, model, scorer, **extra)
 

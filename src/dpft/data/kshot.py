@@ -161,6 +161,11 @@ class KShotTask(Task):
         s = self._sentences(ex)
         return s[0], s[1] if len(s) > 1 else None
 
+    def label_descriptions(self) -> list[str]:
+        """The LM-BFF template with empty sentences and the label word at the mask: SST-2 "It was great."."""
+        left, right = render_lmbff(self.spec.template, [""] * (1 + (self.spec.columns[1] is not None)))
+        return [" ".join(f"{left.strip()} {word}{right.rstrip()}".split()) for word in self.label_words]
+
 
 for _base, _spec in SPECS.items():
     for _k in KS:

@@ -99,6 +99,10 @@ class Task:
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         raise NotImplementedError
 
+    def label_descriptions(self) -> list[str]:
+        """One short public text per label (no data): prototypes for a classification head's start."""
+        return list(self.label_words)
+
 
 TASKS: dict[str, type[Task]] = {}
 

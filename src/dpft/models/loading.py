@@ -75,11 +75,23 @@ class MeanPoolClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    def pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        return self.head(self.pool(input_ids, attention_mask, **kwargs))
+
+    @torch.no_grad()
+    def init_head_from_texts(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], scale: float) -> None:
+        """Row c of the head = scale · the unit embedding of label c's description, bias 0: the untrained
+        classifier scores by similarity to the descriptions, as a prompt does for a language model. Uses
+        public text only (no training data), so it costs no privacy."""
+        batch = tokenizer(texts, padding=True, return_tensors="pt").to(self.head.weight.device)
+        prototypes = self.pool(batch["input_ids"], batch["attention_mask"]).float()
+        self.head.weight.copy_(scale * prototypes / prototypes.norm(dim=1, keepdim=True))
+        self.head.bias.zero_()
 
 
 def _check_head(model_cfg: Any, kind: str, missing: list[str]) -> None:
@@ -132,6 +144,22 @@ def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
             raise ValueError(f"model.kind=classifier needs a classification task (got {num_labels} labels)")
         model = MeanPoolClassifier(model, num_labels).to(dtype)
     return model
+
+
+HEAD_INITS = ("random", "prototypes")
+
+
+def init_classifier_head(model: nn.Module, tokenizer: PreTrainedTokenizerBase, descriptions: list[str],
+                         model_cfg: Any) -> None:
+    """`model.head_init=prototypes` starts a classifier's head from the task's label descriptions."""
+    mode = model_cfg.get("head_init", "random")
+    if mode not in HEAD_INITS:
+        raise ValueError(f"model.head_init={mode!r} is not one of {HEAD_INITS}")
+    if mode == "prototypes":
+        scale = float(model_cfg.get("head_scale", 10.0))
+        if not scale > 0:
+            raise ValueError(f"model.head_scale={scale} is invalid: must be > 0")
+        model.init_head_from_texts(tokenizer, descriptions, scale)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
