@@ -33,3 +33,12 @@ def test_cli_writes_bench_json(tmp_path, monkeypatch):
     main(["--quick", "--out", str(out), "--device", "cpu", "--repeats", "1"])
     records = json.loads(out.read_text())
     assert records and all(KEYS <= set(r) for r in records)
+
+
+def test_ddp_scaling_record_runs_two_gloo_processes():
+    from dpft.bench.run import bench_ddp
+
+    record = bench_ddp("opt-tiny", batch=4, length=8, repeats=1)
+    assert record["name"] == "ddp_scaling_efficiency" and record["processes"] == 2
+    assert KEYS <= set(record) and record["ratio"] > 0
+    assert set(record["medians"]) == {"one_process_step", "2_process_step"}

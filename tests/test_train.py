@@ -93,7 +93,10 @@ def test_impossible_model_task_pairs_fail_with_the_fix(make_cfg, model, task, me
     cfg = make_cfg(f"model={model}", f"task={task}", "method=ft")
     with pytest.raises(ValueError, match=message):
         run(cfg)
-    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+    failed = _read(cfg)  # the cell is recorded as failed, with the error, so a sweep can list it
+    assert failed["status"] == "failed" and message in failed["error"]["message"]
+    assert (failed["method"], failed["model"], failed["task"]) == ("ft", model, task)
+    assert "metrics" not in failed
 
 
 def test_missing_data_names_file_variable_and_hub(make_cfg):
@@ -102,7 +105,7 @@ def test_missing_data_names_file_variable_and_hub(make_cfg):
         run(cfg)
     text = str(err.value)
     assert "BoolQ" in text and "DPFT_DATA_DIR" in text and "boolq" in text
-    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+    assert _read(cfg)["error"] == {**_read(cfg)["error"], "type": "MissingDataError", "message": text}
 
 
 # --- the command line, as users type it -----------------------------------------------------------

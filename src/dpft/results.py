@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,16 @@ def peak_memory_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def parameters_digest(model: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters (names and bytes): equal digests, equal trained models."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -43,6 +55,7 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
     steps = module.steps_done
     privacy = module.privacy_block()
     cost = {
+        "steps": steps,
         "wall_seconds": wall_seconds,
         "train_seconds": module.train_seconds,
         "seconds_per_step": module.train_seconds / steps if steps else None,
@@ -66,11 +79,40 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "cost": cost,
         "hyperparameters": module.hyperparameters(),
         "data_sizes": data_sizes,
+        "trainable_parameters_sha256": parameters_digest(module.model),
         "git_commit": _git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     results["summary"] = flat_summary(results)
     return results
+
+
+def build_failure(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
+    """results.json of a run that raised: enough to name its cell, the error, and the config to rerun it."""
+    interrupted = isinstance(err, KeyboardInterrupt | SystemExit)  # Ctrl-C, SIGTERM (cluster time limit)
+    privacy = cfg.get("privacy", {})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "interrupted" if interrupted else "failed",
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "seed": int(cfg.seed),
+        "data_seed": cfg.task.get("data_seed"),
+        "error": {"type": type(err).__name__, "message": str(err),
+                  "traceback": traceback.format_exception(err)[-12:]},
+        "privacy": {"target_epsilon": float(privacy.get("target_epsilon", math.inf)),
+                    "target_delta": float(privacy.get("target_delta", 0.0))},
+        "git_commit": _git_commit(),
+        "config": _container(cfg),
+    }
+
+
+def _container(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # the error may be in an interpolation itself
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def flat_summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,18 +19,28 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from dpft.checkpointing import (
+    AtomicCheckpointIO,
+    ResumableRun,
+    check_resumable,
+    checkpoint_dir,
+    find_checkpoint,
+    read_checkpoint,
+)
 from dpft.config import CONFIG_DIR
 from dpft.data.datamodule import TaskDataModule
 from dpft.data.tasks import build_task
+from dpft.distributed import DeviceMapStrategy
 from dpft.methods.base import MethodModule
-from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.models.loading import count_parameters, init_classifier_head, load_model, load_tokenizer
 from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
-from dpft.results import build_results, format_table, peak_memory_bytes, write_results
+from dpft.results import build_failure, build_results, format_table, peak_memory_bytes, write_results
+from dpft.validation import validate_config
 
 log = logging.getLogger("dpft")
 
@@ -52,41 +64,6 @@ def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) 
     return module
 
 
-def validate_method(cfg: DictConfig) -> None:
-    """Values that can be wrong, checked before any data or model is loaded."""
-    m = cfg.method
-    checks = [("method.lr", m.get("lr", 0.0), lambda v: v >= 0, ">= 0"),
-              ("method.batch_size", m.batch_size, lambda v: v >= 1, ">= 1"),
-              ("method.eval_batch_size", m.eval_batch_size, lambda v: v >= 1, ">= 1"),
-              ("trainer.max_steps", cfg.trainer.max_steps, lambda v: v >= 0, ">= 0")]
-    if "clip" in m:
-        checks.append(("method.clip", m.clip, lambda v: v > 0, "> 0"))
-    if "eps" in m:
-        checks.append(("method.eps", m.eps, lambda v: v > 0, "> 0 (the perturbation scale φ)"))
-    for key, value, ok, valid in checks:
-        if value is None or not ok(value):
-            raise ValueError(f"{key}={value} is invalid: must be {valid}")
-    if "optimizer" in m and m.optimizer not in OPTIMIZERS:
-        raise ValueError(f"method.optimizer={m.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
-
-
-def check_privacy_pair(cfg: DictConfig) -> bool:
-    """Private methods need a private `privacy` option with their mechanism, and the reverse. Returns
-    whether the run is private."""
-    private, mechanism = bool(cfg.method.get("private")), cfg.privacy.get("mechanism", "none")
-    if private and mechanism == "none":
-        raise ValueError(f"method={cfg.method.name} is private: choose a privacy budget, e.g. privacy=eps2 "
-                         "(or privacy=pure_eps4 for Laplace methods)")
-    if not private and mechanism != "none":
-        raise ValueError(f"method={cfg.method.name} is not private, but privacy={cfg.privacy.name} asks for a "
-                         "guarantee: use privacy=none, or a private method (dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo)")
-    if private and cfg.method.get("mechanism") != mechanism:
-        fix = "privacy=pure_eps4" if cfg.method.mechanism == "laplace" else "privacy=eps2"
-        raise ValueError(f"method={cfg.method.name} adds {cfg.method.mechanism} noise but privacy={cfg.privacy.name} "
-                         f"is a {mechanism} budget: use e.g. {fix}")
-    return private
-
-
 def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
     """The run's privacy statement: noise calibrated for (ε, δ, q = batch_size / n, T = max_steps)."""
     spec = make_spec(
@@ -94,6 +71,7 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
         target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
         dataset_size=dataset_size, expected_batch_size=cfg.method.batch_size, steps=int(cfg.trainer.max_steps),
         clip=cfg.method.clip, directions=int(cfg.method.get("directions", 1)),
+        secure_mode=bool(cfg.privacy.get("secure_mode", False)),
     )
     if spec.mechanism == "gaussian" and spec.target_delta >= 1 / dataset_size:
         log.warning("privacy.target_delta=%g is not below 1/n = %g: (ε, δ)-DP then allows leaking a whole "
@@ -102,22 +80,54 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
     return spec
 
 
-def build_logger(cfg: DictConfig):
-    return hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+def build_logger(cfg: DictConfig, run_id: str | None = None):
+    """The configured logger; a resumed run continues its W&B run (same id)."""
+    if not cfg.get("logger"):
+        return False
+    if run_id is not None and str(cfg.logger.get("_target_", "")).endswith("WandbLogger"):
+        return hydra.utils.instantiate(cfg.logger, id=run_id, resume="allow")
+    return hydra.utils.instantiate(cfg.logger)
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks: list[L.Callback],
+                  validate: bool, model: torch.nn.Module | None = None) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not validate:
+        kwargs["limit_val_batches"] = 0
+    if isinstance(kwargs.get("strategy"), dict):  # e.g. trainer=ddp: dpft.distributed.ReplicatedDDPStrategy
+        kwargs["strategy"] = hydra.utils.instantiate(kwargs["strategy"])
+    if getattr(model, "hf_device_map", None):  # dispatched over devices: leave the weights where they are
+        kwargs["strategy"] = DeviceMapStrategy(next(model.parameters()).device)
+        kwargs["devices"] = 1
+    # checkpoints are written by ResumableRun (not Lightning's ModelCheckpoint), atomically
+    kwargs["enable_checkpointing"] = False
+    return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                     default_root_dir=str(output_dir))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns the results block (also written to results.json)."""
+    """Train and evaluate one configuration; returns the results block (also written to results.json).
+
+    A run that raises writes a results.json with `status` "failed" (or "interrupted") and the error, so a
+    sweep records the cell and goes on; a rerun of the sweep tries it again.
+    """
     output_dir = Path(cfg.paths.output_dir)
     done = output_dir / "results.json"
     if cfg.get("skip_existing") and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
         log.info("skipping %s: it has a completed results.json", output_dir)
         return json.loads(done.read_text())
     output_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        return _run(cfg, output_dir)
+    except BaseException as err:
+        if rank_zero_only.rank == 0:
+            write_results(build_failure(cfg, err), done)
+        raise
 
-    validate_method(cfg)
-    private = check_privacy_pair(cfg)
+
+def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    private = validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task_from_config(cfg.task)
     check_compatible(cfg.model.kind, task, cfg.model.name)
     tokenizer = load_tokenizer(cfg.model)
@@ -133,26 +143,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                 poisson=private)
     datamodule.setup()
     # calibrate before loading the model: an impossible budget fails in seconds
-    extra = {"privacy": calibrate(cfg, len(datamodule.data["train"]))} if private else {}
+    spec = calibrate(cfg, len(datamodule.data["train"])) if private else None
+    ckpt = find_checkpoint(cfg, output_dir) if trains else None
+    saved = read_checkpoint(ckpt) if ckpt else {}
+    if ckpt:
+        check_resumable(saved, cfg, spec.as_dict() if spec else None)
+        log.info("resuming from %s (step %s)", ckpt, saved.get("global_step"))
 
     model = load_model(cfg.model, num_labels=task.num_labels)
     if cfg.model.kind == "classifier":
         init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
     model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
-    module = build_method(cfg, model, scorer, **extra)
+    module = build_method(cfg, model, scorer, **({"privacy": spec} if spec else {}))
 
-    logger = build_logger(cfg)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if "val" not in needed:
-        trainer_kwargs["limit_val_batches"] = 0
-    trainer = L.Trainer(**trainer_kwargs, logger=logger, default_root_dir=str(output_dir))
+    logger = build_logger(cfg, run_id=saved.get("dpft", {}).get("wandb_run_id"))
+    resumable = ResumableRun(output_dir, cfg, cfg.checkpoint.get("every_n_steps"), resumed_from=ckpt,
+                             keep=cfg.checkpoint.get("keep", False))
+    trainer = build_trainer(cfg, output_dir, logger, [resumable], validate="val" in needed, model=model)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     start = time.perf_counter()
     if trains:
-        trainer.fit(module, datamodule=datamodule)
+        # our own checkpoints hold numpy RNG states and optimizer state: not weights only
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=False)
     elif "val" in needed:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -163,31 +178,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg, module, wall_seconds=wall, data_sizes=datamodule.sizes(), params_total=total,
         params_trainable=trainable, peak_memory=peak_memory_bytes(),
     )
-    write_results(results, output_dir / "results.json")
-    if isinstance(logger, WandbLogger):
-        logger.experiment.summary.update(results["summary"])
-    print(format_table([results]))
+    results["resume"] = {"resumed_from": str(ckpt) if ckpt else None, "from_step": saved.get("global_step"),
+                         "lost_steps_charged": resumable.lost_steps_charged}
+    if trainer.is_global_zero:  # data parallel: one results.json, one W&B summary
+        write_results(results, output_dir / "results.json")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(results["summary"])
+        if not cfg.checkpoint.get("keep", False):
+            shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
+        print(format_table([results]))
     return results
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    failed = True
     try:
         results = run(cfg)
+        failed = False
     finally:
-        _finish_wandb()  # each multirun job closes its own W&B run, even when it fails
+        _finish_wandb(exit_code=int(failed))  # each multirun job closes its own W&B run, even when it fails
     return results["summary"].get(cfg.get("optimized_metric", ""), None)
 
 
-def _finish_wandb() -> None:
-    import sys
-
+def _finish_wandb(exit_code: int = 0) -> None:
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Ratios (`name` in bench.json):
 - dpsgd_step_over_nonprivate      our DP-AdamW step (full / LoRA) over a non-private AdamW step
 - opacus_step_over_nonprivate     Opacus's hook-based DP step over the same non-private step (where it runs)
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
+- ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
 Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
 Random weights of the real shapes: speed does not depend on the values.
 """
@@ -267,6 +268,59 @@ def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
         return None, f"{type(err).__name__}: {str(err)[:200]}"
 
 
+def _ddp_worker(rank: int, port: int, world: int, shape: str, batch: int, length: int, repeats: int,
+                out: str) -> None:
+    """One data-parallel process: its share of the batch, scalar all-reduce in the estimator."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    model = build(shape, "cpu")
+    data = make_batch(model, batch, length, "cpu")
+    share = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in data.items()}
+    opt = zo_optimizer(model, "dpzo", batch)
+    step = lambda: opt.step(lambda: per_example_loss(model, share))  # noqa: E731
+    step()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2) -> dict[str, Any]:
+    """Steps per second of data-parallel DP-ZO with `world` CPU processes (gloo) over one process, same
+    global batch; the processes split the machine's threads."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    model = build(shape, "cpu")
+    data = make_batch(model, batch, length, "cpu")
+    opt = zo_optimizer(model, "dpzo", batch)
+    single = side_by_side({"one_process_step": lambda: opt.step(lambda: per_example_loss(model, data))}, repeats,
+                          "cpu")
+    with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        out = str(Path(tmp) / "times.json")
+        mp.spawn(_ddp_worker, args=(port, world, shape, batch, length, repeats, out), nprocs=world, join=True)
+        ddp = statistics.median(json.loads(Path(out).read_text()))
+    medians = {**single, f"{world}_process_step": ddp}
+    params = sum(p.numel() for p in model.parameters())
+    return {**record("ddp_scaling_efficiency", "dpzo", shape, params, batch, length, "cpu", medians,
+                     "one_process_step", f"{world}_process_step"), "processes": world, "backend": "gloo"}
+
+
 # --- entry point --------------------------------------------------------------------------------
 def run(quick: bool, device: str, repeats: int) -> list[dict[str, Any]]:
     if quick:
@@ -283,6 +337,10 @@ def run(quick: bool, device: str, repeats: int) -> list[dict[str, Any]]:
     for shape, batch, length in dp_points:
         print(f"[bench] DP-SGD {shape} batch={batch} len={length}", flush=True)
         records += bench_dpsgd(shape, batch, length, device, repeats)
+    if device == "cpu":
+        shape, batch, length = points[0] if quick else ("opt-125m", 16, 128)
+        print(f"[bench] data-parallel DP-ZO, 2 processes vs 1, {shape} batch={batch} len={length}", flush=True)
+        records.append(bench_ddp(shape, batch, length, repeats))
     return records
 
 

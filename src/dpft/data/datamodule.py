@@ -6,14 +6,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dpft.data.sampling import PoissonBatchSampler
+from dpft.data.sampling import PoissonBatchSampler, ShuffledBatchSampler
 from dpft.data.tasks import Example, Split, Task
 from dpft.models.scoring import Scorer
 
 
 class TaskDataModule(L.LightningDataModule):
     """Training batches: Poisson-sampled with rate batch_size / n for private methods (`poisson=True`),
-    shuffled fixed-size batches for the non-private baselines. Evaluation batches in order."""
+    shuffled fixed-size batches for the non-private baselines; batch t depends on (seed, t) only, and a
+    resumed run continues at the batch after its last completed step (`state_dict`). Evaluation batches
+    in order. Under data parallelism each process takes its share of every batch (see `sampling`)."""
 
     def __init__(self, task: Task, scorer: Scorer, batch_size: int, eval_batch_size: int, seed: int,
                  needed: tuple[Split, ...] = ("train", "val", "test"), num_workers: int = 0,
@@ -23,6 +25,7 @@ class TaskDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.poisson = batch_size, eval_batch_size, poisson
         self.seed, self.needed, self.num_workers = seed, needed, num_workers
         self.data: dict[Split, list[Example]] = {}
+        self.start_batch = 0  # training batches consumed before this run started (resume)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.data:
@@ -30,6 +33,17 @@ class TaskDataModule(L.LightningDataModule):
             if "train" in self.needed and len(self.data["train"]) < self.batch_size:
                 raise ValueError(f"method.batch_size={self.batch_size} exceeds the {len(self.data['train'])} "
                                  f"training examples of task {self.task.name}")
+
+    # --- resume: one training batch per optimisation step ---------------------------------------
+    def state_dict(self) -> dict:
+        return {"batches_consumed": self.trainer.global_step if self.trainer is not None else self.start_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_batch = int(state["batches_consumed"])
+
+    def _replicas(self) -> dict[str, int]:
+        trainer = self.trainer
+        return {"rank": trainer.global_rank, "num_replicas": trainer.world_size} if trainer is not None else {}
 
     def sizes(self) -> dict[str, int]:
         return {split: len(examples) for split, examples in self.data.items()}
@@ -43,24 +57,28 @@ class TaskDataModule(L.LightningDataModule):
             return {"examples": []}
         return self.scorer.collate(examples, train=train)
 
-    def _loader(self, split: Split, train: bool) -> DataLoader:
-        collate = lambda examples: self._collate(examples, train=train)  # noqa: E731
-        if train and self.poisson:
-            sampler = PoissonBatchSampler(len(self.data[split]), self.batch_size / len(self.data[split]), self.seed)
-            return DataLoader(self.data[split], batch_sampler=sampler, num_workers=self.num_workers,
-                              collate_fn=collate)
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
-            self.data[split], batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train, drop_last=train, generator=generator, num_workers=self.num_workers,
-            collate_fn=collate,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        examples, position = self.data["train"], {"start": self.start_batch, **self._replicas()}
+        if self.poisson:
+            sampler = PoissonBatchSampler(len(examples), self.batch_size / len(examples), self.seed, **position)
+        else:
+            sampler = ShuffledBatchSampler(len(examples), self.batch_size, self.seed, **position)
+        return DataLoader(examples, batch_sampler=sampler, num_workers=self.num_workers, generator=self._generator(),
+                          collate_fn=lambda batch: self._collate(batch, train=True))
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        replicas = self._replicas()
+        examples = self.data[split][replicas.get("rank", 0)::replicas.get("num_replicas", 1)]
+        return DataLoader(examples, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          generator=self._generator(), collate_fn=lambda batch: self._collate(batch, train=False))
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: creating its iterator draws a worker seed, which must not come from the
+        global RNG (dropout's), or a resumed run (creating a new iterator mid-training) would diverge."""
+        return torch.Generator().manual_seed(self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._eval_loader("test")

@@ -12,6 +12,7 @@ from torch import nn
 
 from dpft.data.metrics import squad_em, squad_f1
 from dpft.data.tasks import Task
+from dpft.distributed import all_reduce_sum, union
 from dpft.models.scoring import Scorer
 
 
@@ -37,7 +38,7 @@ class MethodModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.forward_passes = 0
         self.train_seconds = 0.0
-        self.steps_done = 0
+        self._t0: float | None = None
         self._eval: dict[str, list[float]] = {}
         self.final_metrics: dict[str, float] = {}
 
@@ -78,8 +79,29 @@ class MethodModule(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.train_seconds += time.perf_counter() - self._t0
-        self.steps_done += 1
+        self._stop_clock()
+
+    def _stop_clock(self) -> None:
+        if self._t0 is not None:
+            self.train_seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    @property
+    def steps_done(self) -> int:
+        """Optimisation steps taken, over the whole run (a resumed run included)."""
+        return self.trainer.global_step if self._trainer is not None else 0
+
+    # --- checkpoints: a resumed run's counters cover the whole run --------------------------------
+    COUNTERS = ("forward_passes", "train_seconds")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # written at the end of a step, before this module's own end-of-step hook: count the step now
+        self._stop_clock()
+        checkpoint["method_counters"] = {k: getattr(self, k) for k in self.COUNTERS}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key, value in checkpoint["method_counters"].items():
+            setattr(self, key, value)
 
     # --- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
@@ -96,9 +118,12 @@ class MethodModule(L.LightningModule):
                 acc.setdefault("acc", []).append(100.0 * gold)
 
     def _eval_end(self, stage: str) -> None:
-        for key, values in self._eval.items():
-            value = sum(values) / len(values) if values else math.nan
-            self.log(f"{stage}/{key}", value, prog_bar=key != "loss", batch_size=len(values))
+        for key in union(set(self._eval)):  # every process reduces the same keys in the same order
+            values = self._eval.get(key, [])
+            total = all_reduce_sum(torch.tensor([math.fsum(values), len(values)], dtype=torch.float64,
+                                                device=self.device))
+            value = float(total[0] / total[1]) if total[1] else math.nan
+            self.log(f"{stage}/{key}", value, prog_bar=key != "loss", batch_size=int(total[1]))
             self.final_metrics[f"{stage}/{key}"] = value
         self._eval = {}
 

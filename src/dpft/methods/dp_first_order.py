@@ -3,7 +3,8 @@
 The private step is split as in Opacus's DPOptimizer, so variants override one piece:
 
     clip_and_accumulate  p.summed_grad = Σ_i c_i ∇ℓ_i,  c_i = min(1, C/‖∇ℓ_i‖)
-    add_noise            p.grad = p.summed_grad + N(0, (σC)²)
+    add_noise            p.grad = p.summed_grad + N(0, (σC)²)   (rank 0 only under data parallelism)
+    reduce               p.grad summed over data-parallel processes
     scale_grad           p.grad /= expected batch size
     then the wrapped optimizer (SGD or AdamW) steps.
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpft.distributed import all_reduce_sum, rank
 from dpft.methods.base import MethodModule
 from dpft.privacy.accounting import PrivacySpec
 from dpft.privacy.ledger import PrivacyLedger
@@ -66,8 +68,15 @@ class DPOptimizer:
         return self.noise_multiplier * self.max_grad_norm
 
     def add_noise(self) -> None:
+        """p.grad = clipped sum + N(0, std²), the noise drawn once for the global sum: by rank 0, before `reduce`."""
         for p in self.params:
-            p.grad = p.summed_grad + self.noise.sample(self.noise_std(p), tuple(p.shape), p.dtype, p.device)
+            noise = self.noise.sample(self.noise_std(p), tuple(p.shape), p.dtype, p.device) if rank() == 0 else 0
+            p.grad = p.summed_grad + noise
+
+    def reduce(self) -> None:
+        """Sum over data-parallel processes (each holds the clipped sum of its share of the batch)."""
+        for p in self.params:
+            all_reduce_sum(p.grad)
 
     def scale_grad(self) -> None:
         for p in self.params:
@@ -79,6 +88,7 @@ class DPOptimizer:
         else:
             self.clip_and_accumulate()
         self.add_noise()
+        self.reduce()
         self.scale_grad()
         for p in self.params:
             del p.summed_grad
@@ -174,7 +184,7 @@ class DPFirstOrder(MethodModule):
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
-        noise = NoiseSource(self.privacy.mechanism, derive_seed(self.seed, 0x4015E))
+        noise = NoiseSource(self.privacy.mechanism, derive_seed(self.seed, 0x4015E), secure=self.privacy.secure_mode)
         common = dict(noise_multiplier=self.privacy.noise_multiplier, max_grad_norm=self.clip,
                       expected_batch_size=self.privacy.expected_batch_size, noise=noise)
         if self.adaptive_noise:
@@ -217,10 +227,12 @@ class DPFirstOrder(MethodModule):
             self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["privacy_ledger"] = self.ledger.state_dict()
         checkpoint["dp_optimizer"] = self.dp.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.ledger.load_state_dict(checkpoint["privacy_ledger"])
         self._pending_dp_state = checkpoint["dp_optimizer"]
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from dpft.distributed import all_reduce_sum, world_size
 from dpft.methods.base import MethodModule
 
 
@@ -38,6 +39,9 @@ class FineTune(MethodModule):
         self.check_finite(loss, self.global_step)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if world_size() > 1:  # data parallel: the mean gradient over the global batch (equal shares)
+            for p in self.trainable_parameters():
+                all_reduce_sum(p.grad).div_(world_size())
         optimizer.step()
         scheduler.step()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["examples"]))

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from dpft.distributed import all_reduce_sum, rank
 from dpft.methods.base import MethodModule
 from dpft.privacy.accounting import PrivacySpec
 from dpft.privacy.ledger import PrivacyLedger
@@ -55,7 +56,8 @@ class GradientEstimator:
 
     def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
         r = self.scalars(loss_plus, loss_minus, eps)
-        return float(r.sum() / len(r)) if len(r) else 0.0
+        total = all_reduce_sum(torch.stack([r.sum(), r.new_tensor(float(len(r)))]))  # (Σ r_i, B) over processes
+        return float(total[0] / total[1]) if total[1] else 0.0
 
     def state_dict(self) -> dict:
         return {}
@@ -76,14 +78,14 @@ class PrivateEstimator(GradientEstimator):
     private = True
 
     def __init__(self, clip: float, clip_target: str, noise_multiplier: float, mechanism: str,
-                 expected_batch_size: float, seed: int):
+                 expected_batch_size: float, seed: int, secure: bool = False):
         if clip_target not in CLIP_TARGETS:
             raise ValueError(f"method.clip_target={clip_target!r} is not one of {CLIP_TARGETS}")
         if not clip > 0:
             raise ValueError(f"method.clip must be > 0, got {clip}")
         self.clip, self.clip_target = clip, clip_target
         self.noise_multiplier, self.expected_batch_size = noise_multiplier, expected_batch_size
-        self.noise = NoiseSource(mechanism if noise_multiplier > 0 else "none", seed)
+        self.noise = NoiseSource(mechanism if noise_multiplier > 0 else "none", seed, secure=secure)
         self.nonfinite = 0
 
     def bound(self, eps: float) -> float:
@@ -97,9 +99,9 @@ class PrivateEstimator(GradientEstimator):
 
     def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
         total = self.clipped_sum(loss_plus, loss_minus, eps)
-        if self.noise_multiplier > 0:
+        if self.noise_multiplier > 0 and rank() == 0:  # one draw for the global sum (see dpft.distributed)
             total = total + self.noise.sample(self.noise_multiplier * self.bound(eps))
-        return float(total / self.expected_batch_size)
+        return float(all_reduce_sum(total) / self.expected_batch_size)
 
     def state_dict(self) -> dict:
         return {"noise": self.noise.state_dict(), "nonfinite": self.nonfinite}
@@ -329,7 +331,7 @@ class ZerothOrder(MethodModule):
         if self.private:
             estimator = PrivateEstimator(self.clip, self.clip_target, self.privacy.noise_multiplier,
                                          self.privacy.mechanism, self.privacy.expected_batch_size,
-                                         seed=derive_seed(self.seed, 0x4015E))
+                                         seed=derive_seed(self.seed, 0x4015E), secure=self.privacy.secure_mode)
         names = {id(p): n for n, p in self.model.named_parameters()}
         return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                               seed=self.seed, directions=self.directions, estimator=estimator, masks=self.masks,
@@ -371,12 +373,14 @@ class ZerothOrder(MethodModule):
                 self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.ledger is not None:
             checkpoint["privacy_ledger"] = self.ledger.state_dict()
         if self.masks is not None:
             checkpoint["zo_masks"] = self.masks
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.ledger is not None:
             self.ledger.load_state_dict(checkpoint["privacy_ledger"])
         self.masks = checkpoint.get("zo_masks", self.masks)

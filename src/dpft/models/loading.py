@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("causal_lm", "masked_lm", "classifier")
 _AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "classifier": AutoModel}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Heads a checkpoint must carry for each kind; a missing head would be silently re-initialised.
 _HEAD_PREFIXES = {"masked_lm": ("lm_head", "cls.predictions"), "causal_lm": ("lm_head",)}
 
@@ -109,9 +109,9 @@ def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
     kind = model_cfg.kind
     if kind not in MODEL_KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {MODEL_KINDS}")
-    dtype = _DTYPES.get(str(model_cfg.get("dtype", "float32")))
+    dtype = DTYPES.get(str(model_cfg.get("dtype", "float32")))
     if dtype is None:
-        raise ValueError(f"model.dtype={model_cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        raise ValueError(f"model.dtype={model_cfg.dtype!r} is not one of {sorted(DTYPES)}")
     auto = _AUTO_CLASSES[kind]
     source = resolve_source(model_cfg.get("pretrained"))
     if source is not None:

@@ -159,6 +159,7 @@ class PrivacySpec:
     comparison_delta: float = 1e-5  # δ at which a Laplace run's PLD (ε, δ) is reported
     adjacency: str = "add/remove one example"
     sampling: str = "Poisson"
+    secure_mode: bool = False  # noise from the OS CSPRNG instead of the seeded generator
 
     def epsilon(self, steps: int, accountant: str | None = None) -> float | None:
         """ε spent after `steps` (None where the accountant cannot analyse the run)."""
@@ -176,7 +177,8 @@ class PrivacySpec:
 
 
 def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_delta: float, dataset_size: int,
-              expected_batch_size: float, steps: int, clip: float, directions: int = 1) -> PrivacySpec:
+              expected_batch_size: float, steps: int, clip: float, directions: int = 1,
+              secure_mode: bool = False) -> PrivacySpec:
     """Calibrate the noise for (ε, δ, q, T) and return the run's privacy statement."""
     if dataset_size < 1:
         raise PrivacyConfigError("a private run needs a non-empty training set")
@@ -196,4 +198,4 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
                        target_delta=float(target_delta), sample_rate=sample_rate,
                        expected_batch_size=float(expected_batch_size), dataset_size=dataset_size, steps=steps,
                        clip=float(clip), directions=directions, noise_multiplier=multiplier,
-                       step_noise_multiplier=step_multiplier)
+                       step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode))

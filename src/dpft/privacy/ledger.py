@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from dpft.privacy.accounting import PrivacySpec
@@ -12,16 +15,31 @@ class BudgetExceededError(RuntimeError):
     pass
 
 
+class PrivacyStatementMismatch(ValueError):
+    """A checkpoint written under one privacy statement resumed under another."""
+
+
+def statement_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for every field of two PrivacySpec dicts that differs."""
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
 class PrivacyLedger:
     """Counts the private steps of a run against its `PrivacySpec` (calibrated for `spec.steps` steps).
 
     `step()` is called before the step's data are touched; it refuses step `spec.steps + 1`, so the
     spent ε never exceeds the target. ε spent is computed on demand from (σ, q, steps, δ).
+
+    With a `journal` file, every step is written there (atomically) before it runs: a write-ahead record
+    that survives a crash between checkpoints. Secure-mode runs charge such lost steps on resume, since
+    their noise cannot be replayed (see `dpft.checkpointing`).
     """
 
-    def __init__(self, spec: PrivacySpec):
+    def __init__(self, spec: PrivacySpec, journal: Path | None = None):
         self.spec = spec
         self.steps = 0
+        self.journal = journal
 
     def step(self) -> None:
         if self.steps >= self.spec.steps:
@@ -30,6 +48,11 @@ class PrivacyLedger:
                 f"ε={self.spec.target_epsilon}, δ={self.spec.target_delta}; step {self.steps + 1} would exceed it. "
                 "Raise trainer.max_steps before training (the noise is then calibrated for more steps).")
         self.steps += 1
+        if self.journal is not None:
+            write_journal(self.journal, self.steps, asdict(self.spec))
+
+    def remaining(self) -> int:
+        return self.spec.steps - self.steps
 
     def epsilon_spent(self, accountant: str | None = None) -> float | None:
         return self.spec.epsilon(self.steps, accountant)
@@ -54,6 +77,7 @@ class PrivacyLedger:
             "accountant": spec.accountant,
             "adjacency": spec.adjacency,
             "sampling": spec.sampling,
+            "secure_mode": spec.secure_mode,
         }
         if spec.mechanism == "gaussian":
             block["epsilon_rdp"] = self.epsilon_spent("rdp")
@@ -67,8 +91,24 @@ class PrivacyLedger:
         return {"spec": asdict(self.spec), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["spec"] != asdict(self.spec):
-            changed = sorted(k for k in state["spec"] if state["spec"][k] != asdict(self.spec).get(k))
-            raise ValueError(f"checkpoint was written under another privacy statement (differs in {changed}); "
-                             "resume with the same privacy, method and data settings")
+        changed = statement_differences(state["spec"], asdict(self.spec))
+        if changed:
+            raise PrivacyStatementMismatch(
+                "the checkpoint was written under another privacy statement (" + "; ".join(changed) + "). "
+                "Resume with the privacy, method and data settings it was started with, or start a new run.")
         self.steps = int(state["steps"])
+
+
+def write_journal(path: Path, steps: int, spec: dict[str, Any]) -> None:
+    """`{"steps_started": steps, "spec": ...}`, replaced atomically and flushed to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump({"steps_started": steps, "spec": spec}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_journal(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,34 +1,77 @@
-"""Noise for the private mechanisms, drawn from a generator of its own (never the global RNG)."""
+"""Noise for the private mechanisms, drawn from a source of its own (never the global RNG).
+
+Two modes (`privacy.secure_mode`):
+- default: a `torch.Generator` seeded from the experiment seed. Reproducible (a run, and a run resumed
+  from a checkpoint, draws the same noise), which is what a benchmark needs; the guarantee then assumes
+  the seed stays secret.
+- secure: uniform bits from the operating system's CSPRNG (`os.urandom`), independent of the experiment
+  seed and never stored in checkpoints; Gaussian noise is the sum of four Box-Muller normals halved
+  (the variance stays 1), as Opacus's secure mode does to blunt floating-point attacks on the sampler.
+  Laplace noise is still drawn by floating-point inversion (not hardened against Mironov's attack).
+"""
 
 from __future__ import annotations
 
+import math
+import os
+
+import numpy as np
 import torch
+
+MECHANISMS = ("gaussian", "laplace", "none")
 
 
 class NoiseSource:
     """Gaussian or Laplace noise of a given scale (std for Gaussian, b for Laplace).
 
-    Laplace is sampled by inversion of a uniform draw, so the same generator serves both.
+    Laplace is sampled by inversion of a uniform draw, so the same uniform source serves both.
     """
 
-    def __init__(self, mechanism: str, seed: int, device: torch.device | str = "cpu"):
-        if mechanism not in ("gaussian", "laplace", "none"):
-            raise ValueError(f"unknown noise mechanism {mechanism!r}")
-        self.mechanism = mechanism
-        self.generator = torch.Generator(device=device).manual_seed(int(seed))
+    def __init__(self, mechanism: str, seed: int, device: torch.device | str = "cpu", secure: bool = False):
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown noise mechanism {mechanism!r}; valid: {MECHANISMS}")
+        self.mechanism, self.secure = mechanism, secure
+        self.generator = None if secure else torch.Generator(device=device).manual_seed(int(seed))
+
+    # --- uniform and normal draws ---------------------------------------------------------------
+    def _uniform(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """U[0, 1) (secure: (0, 1), 53 random bits each)."""
+        if not self.secure:
+            return torch.rand(shape, generator=self.generator, dtype=dtype, device=device)
+        count = math.prod(shape)
+        bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
+        values = (bits.astype(np.float64) + 0.5) * 2.0**-53
+        return torch.from_numpy(values).reshape(shape).to(device=device, dtype=dtype)
+
+    def _normal(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        if not self.secure:
+            return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
+        total = torch.zeros(shape, dtype=torch.float64)
+        for _ in range(4):  # Box-Muller on CSPRNG uniforms
+            u1, u2 = self._uniform(shape, torch.float64, "cpu"), self._uniform(shape, torch.float64, "cpu")
+            total += torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+        return (total / 2).to(device=device, dtype=dtype)
 
     def sample(self, scale: float, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64,
                device: torch.device | str = "cpu") -> torch.Tensor:
         if self.mechanism == "none" or scale == 0:
             return torch.zeros(shape, dtype=dtype, device=device)
         if self.mechanism == "gaussian":
-            return torch.randn(shape, generator=self.generator, dtype=dtype, device=device) * scale
-        u = torch.rand(shape, generator=self.generator, dtype=dtype, device=device) - 0.5
+            return self._normal(shape, dtype, device) * scale
+        u = self._uniform(shape, dtype, device) - 0.5
         # |u| < 1/2 strictly, so the log stays finite
         return -scale * torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 2.0**-54))
 
+    # --- checkpoints: a secure source has no state to store (and must not leak one) --------------
     def state_dict(self) -> dict:
-        return {"mechanism": self.mechanism, "generator": self.generator.get_state()}
+        state = {"mechanism": self.mechanism, "secure": self.secure}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if bool(state.get("secure", False)) != self.secure:
+            raise ValueError("the checkpoint's noise was drawn with privacy.secure_mode="
+                             f"{state.get('secure', False)}; resume with the same setting")
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])

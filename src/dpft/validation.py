@@ -1,0 +1,133 @@
+"""Every user-facing value that can be wrong, checked before any data or model is loaded.
+
+Each error names the config key, the value given and what is valid. Checks that need the data (batch
+size against the training-set size, a k-shot data seed without files) or the model (layers that
+per-example gradients cannot handle) happen where that is known, before the first step. Unknown
+options of a config group (`method=`, `model=`, `task=`, `privacy=`) are refused by Hydra with the
+list of valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dpft.methods.dp_first_order import OPTIMIZERS
+from dpft.methods.zeroth_order import CLIP_TARGETS
+from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS
+from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES
+from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
+
+PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp"
+# trainer precisions under which a ZO step can run (a GradScaler needs gradients: no 16-mixed)
+ZO_PRECISIONS = ("32-true", "32", "bf16-true", "16-true", "64-true", "64")
+
+
+class ConfigError(ValueError):
+    """A configuration value outside its valid range."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+Check = tuple[str, Any, Callable[[Any], bool], str]
+
+
+def _check(checks: list[Check]) -> None:
+    for key, value, ok, valid in checks:
+        if value is None or not ok(value):
+            raise ConfigError(f"{key}={value} is invalid: must be {valid}")
+
+
+def validate_config(cfg: DictConfig) -> bool:
+    """Checks the whole run's configuration; returns whether the run is private."""
+    m, t = cfg.method, cfg.task
+    checks: list[Check] = [
+        ("seed", cfg.seed, lambda v: _int(v) and v >= 0, "an integer >= 0"),
+        ("method.lr", m.get("lr", 0.0), lambda v: _number(v) and 0 <= v < math.inf, "a finite number >= 0"),
+        ("method.weight_decay", m.get("weight_decay", 0.0), lambda v: _number(v) and 0 <= v < math.inf,
+         "a finite number >= 0"),
+        ("method.batch_size", m.batch_size, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("method.eval_batch_size", m.eval_batch_size, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("trainer.max_steps", cfg.trainer.max_steps, lambda v: _int(v) and v >= 0,
+         "an integer >= 0 (0: evaluate only)"),
+        ("task.max_length", t.get("max_length", 256), lambda v: _int(v) and v >= 8, "an integer >= 8 (tokens)"),
+    ]
+    if "max_new_tokens" in t:
+        checks.append(("task.max_new_tokens", t.max_new_tokens, lambda v: _int(v) and 1 <= v < t.max_length,
+                       f"an integer in [1, task.max_length={t.max_length})"))
+    for key in ("num_train", "num_dev", "num_test"):
+        if key in t:
+            checks.append((f"task.{key}", t[key], lambda v: _int(v) and v >= 1, "an integer >= 1"))
+    if "clip" in m:
+        checks.append(("method.clip", m.clip, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"))
+    if "eps" in m:
+        checks.append(("method.eps", m.eps, lambda v: _number(v) and 0 < v < math.inf,
+                       "a finite number > 0 (the perturbation scale φ)"))
+    if "directions" in m:
+        checks.append(("method.directions", m.directions, lambda v: _int(v) and v >= 1, "an integer >= 1"))
+    every = (cfg.get("checkpoint") or {}).get("every_n_steps")
+    if every is not None:
+        checks.append(("checkpoint.every_n_steps", every, lambda v: _int(v) and v >= 1,
+                       "null (only on SIGTERM) or an integer >= 1"))
+    checks.append(("resume", cfg.get("resume", "auto"), lambda v: v in ("auto", "never"), "auto or never"))
+    _check(checks)
+    choices = [("method.optimizer", m.get("optimizer"), sorted(OPTIMIZERS)),
+               ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
+               ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
+               ("method.clip_target", m.get("clip_target"), CLIP_TARGETS),
+               ("model.kind", cfg.model.kind, MODEL_KINDS),
+               ("model.dtype", cfg.model.get("dtype", "float32"), tuple(DTYPES)),
+               ("model.head_init", cfg.model.get("head_init", "random"), HEAD_INITS)]
+    for key, value, valid in choices:
+        if value is not None and value not in valid:
+            raise ConfigError(f"{key}={value!r} is not one of {tuple(valid)}")
+    if "eps" in m and str(cfg.trainer.get("precision")) not in ZO_PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision} cannot run a zeroth-order step (mixed precision "
+                          f"scales gradients, and there are none): use one of {ZO_PRECISIONS}")
+    private = check_privacy_pair(cfg)
+    if private:
+        validate_privacy(cfg.privacy)
+    return private
+
+
+def validate_privacy(p: DictConfig) -> None:
+    mechanism = p.get("mechanism")
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"privacy.mechanism={mechanism!r} is not one of {MECHANISMS}")
+    _check([("privacy.target_epsilon", p.target_epsilon, lambda v: _number(v) and 0 < v < math.inf,
+             "a finite number > 0")])
+    if mechanism == "gaussian":
+        _check([("privacy.target_delta", p.target_delta, lambda v: _number(v) and 0 < v < 1,
+                 "in (0, 1) for the Gaussian mechanism (typically < 1/n)")])
+        if p.get("accountant") not in ACCOUNTANTS:
+            raise ConfigError(f"privacy.accountant={p.get('accountant')!r} is not one of {ACCOUNTANTS}")
+    elif p.target_delta != 0:
+        raise ConfigError(f"privacy.target_delta={p.target_delta} is invalid: pure ε-DP (Laplace) has δ = 0")
+    if not isinstance(p.get("secure_mode", False), bool):
+        raise ConfigError(f"privacy.secure_mode={p.secure_mode} is invalid: must be true or false")
+
+
+def check_privacy_pair(cfg: DictConfig) -> bool:
+    """Private methods need a private `privacy` option with their mechanism, and the reverse. Returns
+    whether the run is private."""
+    private, mechanism = bool(cfg.method.get("private")), cfg.privacy.get("mechanism", "none")
+    if private and mechanism == "none":
+        raise ConfigError(f"method={cfg.method.name} is private: choose a privacy budget, e.g. privacy=eps2 "
+                          "(or privacy=pure_eps4 for Laplace methods)")
+    if not private and mechanism != "none":
+        raise ConfigError(f"method={cfg.method.name} is not private, but privacy={cfg.privacy.name} asks for a "
+                          f"guarantee: use privacy=none, or a private method ({PRIVATE_METHODS})")
+    if private and cfg.method.get("mechanism") != mechanism:
+        fix = "privacy=pure_eps4" if cfg.method.mechanism == "laplace" else "privacy=eps2"
+        raise ConfigError(f"method={cfg.method.name} adds {cfg.method.mechanism} noise but privacy={cfg.privacy.name} "
+                          f"is a {mechanism} budget: use e.g. {fix}")
+    return private

@@ -1,0 +1,105 @@
+"""Every user-facing value that can be wrong fails before training with the key and the valid range."""
+
+from __future__ import annotations
+
+import pytest
+
+import dpft.train
+from dpft.train import run
+from dpft.validation import ConfigError, validate_config
+from tests.conftest import compose_config, requires_data
+
+# (overrides, the message must contain) — checked by validate_config, before any data or model is read
+BEFORE_DATA = [
+    (["seed=-1"], "seed=-1 is invalid: must be an integer >= 0"),
+    (["method.lr=-1e-3"], "method.lr=-0.001 is invalid: must be a finite number >= 0"),
+    (["method.lr=nan"], "method.lr=nan is invalid"),
+    (["method.lr=inf"], "method.lr=inf is invalid"),
+    (["method.weight_decay=-1"], "method.weight_decay=-1 is invalid"),
+    (["method.batch_size=0"], "method.batch_size=0 is invalid: must be an integer >= 1"),
+    (["method.batch_size=2.5"], "method.batch_size=2.5 is invalid"),
+    (["method.eval_batch_size=0"], "method.eval_batch_size=0 is invalid"),
+    (["trainer.max_steps=-2"], "trainer.max_steps=-2 is invalid: must be an integer >= 0"),
+    (["task.max_length=4"], "task.max_length=4 is invalid: must be an integer >= 8"),
+    (["task=squad", "task.max_new_tokens=0"], "task.max_new_tokens=0 is invalid"),
+    (["task.num_train=0"], "task.num_train=0 is invalid: must be an integer >= 1"),
+    (["task.num_test=-5"], "task.num_test=-5 is invalid"),
+    (["method=mezo", "method.eps=0"], "method.eps=0 is invalid: must be a finite number > 0 (the perturbation"),
+    (["method=dpzo", "privacy=eps2", "method.clip=0"], "method.clip=0 is invalid: must be a finite number > 0"),
+    (["method=dpzo", "privacy=eps2", "method.clip=inf"], "method.clip=inf is invalid"),
+    (["method=dpzoso", "privacy=eps2", "method.directions=0"], "method.directions=0 is invalid"),
+    (["method=dpsgd", "privacy=eps2", "method.optimizer=lion"], "method.optimizer='lion' is not one of"),
+    (["method.peft.mode=adapter"], "method.peft.mode='adapter' is not one of ('none', 'lora', 'prefix')"),
+    (["method=dpsgd", "privacy=eps2", "method.trainable=some"], "method.trainable='some' is not one of"),
+    (["method=dpzero", "privacy=eps2", "method.clip_target=raw"], "method.clip_target='raw' is not one of"),
+    (["model=minilm-l6", "task=sst2-k16", "model.head_init=zeros"], "model.head_init='zeros' is not one of"),
+    (["model.dtype=float8"], "model.dtype='float8' is not one of"),
+    (["method=mezo", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot run a zeroth-order step"),
+    (["method=dpzo", "privacy=eps2", "privacy.target_epsilon=0"], "privacy.target_epsilon=0 is invalid"),
+    (["method=dpzo", "privacy=eps2", "privacy.target_epsilon=inf"], "privacy.target_epsilon=inf is invalid"),
+    (["method=dpzo", "privacy=eps2", "privacy.target_delta=0"], "privacy.target_delta=0 is invalid: must be in (0, 1)"),
+    (["method=dpzo", "privacy=eps2", "privacy.target_delta=1.5"], "privacy.target_delta=1.5 is invalid"),
+    (["method=dpzo", "privacy=eps2", "privacy.accountant=prv"], "privacy.accountant='prv' is not one of"),
+    (["method=dpzo", "privacy=eps2", "privacy.secure_mode=maybe"], "privacy.secure_mode=maybe is invalid"),
+    (["method=dpzo_laplace", "privacy=pure_eps4", "privacy.target_delta=1e-5"], "pure ε-DP (Laplace) has δ = 0"),
+    (["method=dpzo", "privacy=none"], "method=dpzo is private: choose a privacy budget"),
+    (["method=mezo", "privacy=eps2"], "method=mezo is not private, but privacy=eps2 asks for a guarantee"),
+    (["method=dpzo", "privacy=pure_eps4"], "adds gaussian noise but privacy=pure_eps4 is a laplace budget"),
+    (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0 is invalid"),
+    (["resume=always"], "resume=always is invalid: must be auto or never"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BEFORE_DATA, ids=[" ".join(o) for o, _ in BEFORE_DATA])
+def test_invalid_values_are_refused_with_the_key_and_range(tmp_path, overrides, message):
+    cfg = compose_config(["model=opt-tiny", "task=sst2", *overrides], tmp_path, shrink=False)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value)
+
+
+def test_valid_defaults_pass(tmp_path):
+    for method, privacy in [("ft", "none"), ("mezo", "none"), ("dpzo", "eps2"), ("dpzo_laplace", "pure_eps4"),
+                            ("dpsgd", "eps8"), ("anadp", "eps4"), ("dpzopo", "eps2")]:
+        cfg = compose_config(["model=opt-tiny", "task=sst2", f"method={method}", f"privacy={privacy}"], tmp_path)
+        assert validate_config(cfg) == (privacy != "none")
+
+
+@requires_data
+def test_validation_runs_before_any_data_or_model_is_loaded(tmp_path, monkeypatch):
+    def nothing(*args, **kwargs):
+        raise AssertionError("loaded before the configuration was validated")
+
+    monkeypatch.setattr(dpft.train, "build_task_from_config", nothing)
+    monkeypatch.setattr(dpft.train, "load_model", nothing)
+    with pytest.raises(ConfigError, match="method.lr"):
+        run(compose_config(["model=opt-tiny", "task=sst2", "method.lr=-1"], tmp_path / "run"))
+
+
+# checks that need the data or the model: still before the first step
+@requires_data
+@pytest.mark.parametrize("overrides,error,message", [
+    (["task=sst2", "method.batch_size=100"], ValueError, "method.batch_size=100 exceeds the 24 training examples"),
+    (["task=sst2-k16", "task.data_seed=7"], ValueError, "data_seed 7 has no LM-BFF split; valid data seeds"),
+    (["task=sst2", "method=dpzo", "privacy=eps2", "privacy.target_epsilon=1e-9", "privacy.target_delta=1e-15"],
+     ValueError, "unreachable"),
+    (["model=roberta-tiny", "task=squad"], ValueError, "needs a causal LM"),
+    (["model=roberta-tiny", "task=wic"], ValueError, "no masked-LM"),
+    (["model=minilm-l6", "task=sst2-k16", "method=mezo_prefix"], ValueError, "prefix is not supported for"),
+    (["task=sst2", "method=dpsgd", "privacy=eps2", "method.trainable=all"], ValueError, "shared by"),
+    (["task=sst2", "ckpt_path=/nonexistent/last.ckpt"], ValueError, "ckpt_path=/nonexistent/last.ckpt does not"),
+])
+def test_values_checked_against_data_and_model_fail_before_training(make_cfg, overrides, error, message):
+    cfg = make_cfg("model=opt-tiny", *overrides)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(cfg)
+
+
+@pytest.mark.parametrize("group,value", [("method", "dpsdg"), ("model", "opt-7b"), ("task", "sst-2"),
+                                         ("privacy", "eps3")])
+def test_unknown_options_list_the_valid_ones(tmp_path, group, value):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_config([f"{group}={value}"], tmp_path)
+    assert f"Could not find '{group}/{value}'" in str(err.value) and f"Available options in '{group}'" in str(err.value)
