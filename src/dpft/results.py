@@ -82,6 +82,20 @@ def flat_summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inverse of `flat_summary`: the results blocks from a run summary (e.g. read back from W&B, where
+    training also logs `val/*`, `privacy/*` under the same names; other keys are left out)."""
+    out: dict[str, Any] = {k: summary.get(k) for k in ("method", "model", "task", "seed", "data_seed", "status")}
+    if "error" in summary:
+        out["error"] = summary["error"]
+    out["metrics"] = {k: v for k, v in summary.items() if k.startswith(("val/", "test/"))}
+    for block in ("privacy", "cost"):
+        out[block] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
+    if config is not None:
+        out["config"] = config
+    return out
+
+
 def write_results(results: dict[str, Any], path: Path) -> None:
     """Atomic write: a reader never sees a half-written results.json."""
     path.parent.mkdir(parents=True, exist_ok=True)
