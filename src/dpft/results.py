@@ -10,18 +10,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpft.methods.base import MethodModule
+if TYPE_CHECKING:  # torch and the methods load only where results are built: reports read them without
+    from dpft.methods.base import MethodModule
 
 SCHEMA_VERSION = 1
 
 
 def peak_memory_bytes() -> int:
     """Peak accelerator memory when on GPU, else the process's peak resident set size."""
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -39,6 +41,8 @@ def _git_commit() -> str | None:
 
 def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, data_sizes: dict[str, int],
                   params_total: int, params_trainable: int, peak_memory: int) -> dict[str, Any]:
+    import torch
+
     metrics = dict(sorted(module.final_metrics.items()))
     steps = module.steps_done
     privacy = module.privacy_block()

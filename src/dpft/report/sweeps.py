@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                              "options only (--set method=dpzero), or search a key over given values")
     parser.add_argument("--search", nargs="*", default=None, metavar="KEY",
                         help="run the papers' search grids (all, or the keys named) instead of the chosen values")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     sweep = load_sweep(args.table)
     search = args.search
     for item in args.set:
