@@ -195,15 +195,21 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
 
 
 def test_report_keeps_the_searched_configuration_with_the_best_validation_metric(tmp_path):
+    searched, unvalidated = tmp_path / "searched", tmp_path / "unvalidated"
     for seed in (0, 1):
-        _fake(tmp_path, "dpzero", 2.0, seed, acc=80.0 + seed, val=70.0, clip=50.0)   # worse on validation
-        _fake(tmp_path, "dpzero", 2.0, seed, acc=60.0 + seed, val=75.0, clip=200.0)  # kept, though worse on test
-    out = build(load_local(tmp_path), load_sweep("dpzero_roberta"))
+        _fake(searched, "dpzero", 2.0, seed, acc=80.0 + seed, val=70.0, clip=50.0)   # worse on validation
+        _fake(searched, "dpzero", 2.0, seed, acc=60.0 + seed, val=75.0, clip=200.0)  # kept, though worse on test
+    out = build(load_local(searched), load_sweep("dpzero_roberta"))
     (cell,) = out.cells
     assert cell.values == [60.0, 61.0] and cell.selected == {"method.clip": 200.0} and cell.tried == 2
     assert "method.clip=200.0 (of 2)" in out.markdown()
     # without the sweep nothing says what was searched: the runs are pooled
-    assert sorted(build(load_local(tmp_path)).cells[0].values) == [60.0, 61.0, 80.0, 81.0]
+    assert sorted(build(load_local(searched)).cells[0].values) == [60.0, 61.0, 80.0, 81.0]
+    # choosing needs a validation metric
+    _fake(unvalidated, "dpzero", 2.0, 0, acc=80.0, clip=50.0)
+    _fake(unvalidated, "dpzero", 2.0, 0, acc=60.0, clip=200.0)
+    with pytest.raises(ValueError, match="no validation metric to choose by: run searches with validate=true"):
+        build(load_local(unvalidated), load_sweep("dpzero_roberta"))
 
 
 def test_report_shows_method_minus_baseline_with_the_papers_difference(tmp_path):
@@ -267,6 +273,8 @@ def test_report_needs_one_source(tmp_path):
         report()
     with pytest.raises(ValueError, match="one of them"):
         report(tmp_path, wandb_path="me/dpft")
+    with pytest.raises(ValueError, match="does not exist"):
+        report(tmp_path / "nope")
 
 
 # --- configs: W&B group and tags, launchers ---------------------------------------------------------------

@@ -295,6 +295,9 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
             groups[key][tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
     cells = []
     for key, configurations in sorted(groups.items()):
+        if len(configurations) > 1 and all(_validation(runs) == -math.inf for runs in configurations.values()):
+            raise ValueError(f"cell {key}: {len(configurations)} searched configurations of {searched} but no "
+                             "validation metric to choose by: run searches with validate=true")
         choice, runs = max(sorted(configurations.items(), key=str), key=lambda item: _validation(item[1]))
         varied = [i for i in range(len(searched)) if len({c[i] for c in configurations}) > 1]
         cells.append(Cell(*key, values=[main_metric(r) for r in runs],
@@ -370,6 +373,8 @@ def report(folder: Path | None = None, out: Path | None = None, table: str | Non
     sweep = sweep or (load_sweep(table) if table else None)
     if wandb_path:
         results = load_wandb(wandb_path, sweep["table"] if sweep else None, api=api)
+    elif not Path(folder).is_dir():
+        raise ValueError(f"results folder {folder} does not exist (run the table first: make table-<name>)")
     else:
         results = load_local(folder)
     result = build(results, sweep)
