@@ -51,8 +51,11 @@ bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, bat
 bench-quick: $(VENV)/.bench-installed ## the OPT-125m / RoBERTa-base, batch 16, length 128 point only (minutes)
 	$(BIN)/dpft-bench --quick --out bench.json
 
-table-%: install ## run the sweep sweeps/<name>.yaml (LAUNCHER=joblib|slurm), skip finished cells, build the report
-	$(BIN)/dpft-sweep $* $(if $(LAUNCHER),--launcher $(LAUNCHER))
+table-%: install ## run sweeps/<name>.yaml (LAUNCHER=joblib N_JOBS=4 | slurm; OVERRIDES=...), skip finished cells, report
+	$(BIN)/dpft-sweep $* $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(N_JOBS),hydra.launcher.n_jobs=$(N_JOBS)) $(OVERRIDES)
+
+report-%: install ## rebuild the report of logs/tables/<name> from its results.json files (runs nothing)
+	$(BIN)/dpft-report $(or $(DPFT_LOG_DIR),logs)/tables/$* --table $*
 
 lint: install ## ruff check
 	$(BIN)/ruff check src tests

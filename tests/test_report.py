@@ -1,46 +1,167 @@
-"""Sweeps compose into their jobs; the report's cells, means, standard errors, references and missing list."""
+"""Sweeps compose into their jobs; the report's cells, means, standard errors, references, comparisons,
+search selection and missing list; the W&B reading path; the launcher configs."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from dpft.report.collect import report
-from dpft.report.sweeps import SWEEPS_DIR, commands, jobs, load_sweep
-from dpft.results import write_results
+from dpft.config import CONFIG_DIR
+from dpft.report.collect import build, load_local, load_wandb, report
+from dpft.report.sweeps import (
+    SWEEPS_DIR,
+    blocks,
+    commands,
+    jobs,
+    load_sweep,
+    privacy_epsilon,
+    restrict,
+    search_keys,
+)
+from dpft.results import flat_summary, results_from_summary, write_results
 from tests.conftest import compose_config, requires_data
 
+GROUPS = ("model", "task", "method", "privacy", "trainer")
+PARSER = OverridesParser.create()
 
-@pytest.mark.parametrize("name,count", [("dpzero_roberta", 180), ("cpu", 30)])
-def test_every_sweep_composes_into_its_jobs(name, count, tmp_path):
+
+# --- sweep files ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,count", [("cpu", 30), ("dpzero_roberta", 180), ("dpzero_opt", 144), ("dpzo_opt", 378),
+                                        ("dpzoso_roberta", 135), ("anadp_roberta", 72)])
+def test_every_sweep_composes_into_its_jobs(name, count):
     sweep = load_sweep(name)
     all_jobs = jobs(sweep)
     assert len(all_jobs) == count
-    assert len(commands(sweep)) == sum(len(a.get("privacy", ["none"])) for a in sweep["arms"])
-    seen = set()
-    for job in all_jobs:  # every job is a valid composition (as --multirun --cfg job would check)
-        overrides = [f"{k}={v}" for k, v in job.items()]
-        key = tuple(sorted(overrides))
-        if key in seen:
-            continue
-        seen.add(key)
-        cfg = compose_config(overrides, tmp_path, shrink=False)
+    assert len({tuple(sorted(j.items())) for j in all_jobs}) == count  # no job twice
+    cmds = commands(sweep)
+    assert len(cmds) == len(blocks(sweep))
+    # each command sweeps exactly its block's jobs (comma lists multiply out to the job count)
+    swept = [math.prod(len(a.split("=", 1)[1].split(",")) for a in cmd if "," in a.split("=", 1)[-1]
+                       and not a.startswith("hydra.")) for cmd in cmds]
+    assert sum(swept) == count
+    # every job composes (as `--multirun --cfg job` would), and its overrides land in the config; jobs that
+    # differ only in seeds compose alike, so one per seed-free combination is composed
+    composed = {}
+    for job in all_jobs:
+        key = tuple(sorted((k, v) for k, v in job.items() if k not in ("seed", "task.data_seed")))
+        if key not in composed:
+            composed[key] = compose_config([f"{k}={v}" for k, v in job.items()], shrink=False)
+        cfg = composed[key]
         assert cfg.method.name == job["method"] and cfg.privacy.name == job["privacy"]
+        assert cfg.model.name == job.get("model", cfg.model.name) and cfg.task.name == job.get("task", cfg.task.name)
+        for k, v in job.items():
+            if k not in GROUPS and k not in ("seed", "task.data_seed"):
+                assert OmegaConf.select(cfg, k) == PARSER.parse_override(f"{k}={v}").value(), (name, k)
+        assert cfg.trainer.accelerator == ("cpu" if name == "cpu" else "gpu")
 
 
-def test_all_sweep_files_load():
-    for path in SWEEPS_DIR.glob("*.yaml"):
-        assert jobs(load_sweep(path.stem))
+def test_sweep_files_load_and_their_references_name_expected_cells():
+    names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    assert names == ["anadp_roberta", "cpu", "dpzero_opt", "dpzero_roberta", "dpzo_opt", "dpzoso_roberta"]
+    for name in names:
+        sweep = load_sweep(name)
+        expected = {(j["task"], j["model"], j["method"], privacy_epsilon(j["privacy"])) for j in jobs(sweep)}
+        for ref in sweep.get("reference", []):
+            assert (ref["task"], ref["model"], ref["method"], float(ref["epsilon"])) in expected, (name, ref)
+            assert ref.get("source", sweep.get("reference_source"))
+            if "baseline" in ref:
+                assert any(c["method"] == ref["method"] and c["baseline"] == ref["baseline"] for c in sweep["compare"])
 
 
-def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed") -> None:
-    results = {"status": status, "method": method, "model": "roberta-large", "task": "sst2-k512", "seed": seed,
-               "metrics": {"test/acc": acc}, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99}}
-    write_results(results, folder / f"{method}-{eps}-{seed}-{status}" / "results.json")
+def test_reference_values_are_the_papers_numbers():
+    """Spot checks against the papers (DESIGN.md / methods.md): one value per table and column kind."""
+    def value(name, task, model, method, eps):
+        return next(r["value"] for r in load_sweep(name)["reference"]
+                    if (r["task"], r["model"], r["method"], float(r["epsilon"])) == (task, model, method, eps))
+
+    assert value("dpzero_roberta", "mnli-k512", "roberta-large", "dpsgd_lora", 2) == 65.7
+    assert value("dpzero_roberta", "trec-k512", "roberta-large", "ft", math.inf) == 95.9
+    assert value("dpzero_opt", "squad", "opt-6.7b", "dpzero", 6) == 79.5
+    assert value("dpzero_opt", "squad", "opt-6.7b", "zero_shot", math.inf) == 36.5
+    assert value("dpzero_opt", "boolq", "opt-2.7b", "mezo", math.inf) == 65.3
+    assert value("dpzo_opt", "squad", "opt-66b", "mezo", math.inf) == 85.0
+    assert value("dpzo_opt", "squad", "opt-66b", "dpzo", 1) == -1.86
+    assert value("dpzoso_roberta", "mnli-k512", "roberta-large", "dpzopo", 4) == 74.8
+    assert value("dpzoso_roberta", "trec-k512", "roberta-large", "dpzopo", 4) == 91.8
+    assert len(load_sweep("dpzero_roberta")["reference"]) == 60 and len(load_sweep("dpzero_opt")["reference"]) == 48
+    assert len(load_sweep("dpzoso_roberta")["reference"]) == 45
+
+
+@requires_data
+def test_dpzoso_delta_is_one_over_each_tasks_training_set_size():
+    from dpft.data.tasks import build_task
+
+    sweep = load_sweep("dpzoso_roberta")
+    for job in jobs(sweep):
+        n = len(build_task(job["task"], int(job["task.data_seed"])).splits()["train"])
+        assert float(job["privacy.target_delta"]) == pytest.approx(1 / n, rel=1e-12), job["task"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("arms: [{method: dpzero}]\ncolumns: 3", "unknown keys"),
+    ("arms: [{method: dpzeroo}]", "method='dpzeroo' is not one of"),
+    ("arms: [{method: dpzero, privacy: [eps3]}]", "privacy='eps3'"),
+    ("arms: [{method: mezo}]\nsearch: {dpzero: {method.clip: [1]}}", "search.dpzero: not a method of the arms"),
+    ("arms: [{method: mezo}]\ncompare: [{method: mezo, baseline: ft}]", "baseline='ft'"),
+    ("arms: [{method: mezo}]\nreference: [{task: sst2, model: opt-tiny, method: mezo, epsilon: .inf}]", "missing ['value']"),
+    ("arms: [{method: mezo}]\nreference: [{task: sst2, model: opt-tiny, method: mezo, epsilon: .inf, value: 1}]",
+     "give its source"),
+    ("arms: [{method: mezo}]\ngrid: {seed: [0]}\nwhen: {lr=1: [method.lr=1]}", "when: 'lr=1'"),
+])
+def test_bad_sweep_files_fail_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_sweep(path)
+    with pytest.raises(ValueError, match="unknown table 'nope'.*dpzero_roberta"):
+        load_sweep("nope")
+
+
+def test_set_and_search_change_the_grid():
+    sweep = load_sweep("dpzero_roberta")
+    # the search grid of one key: DPZero's 7 clips instead of the chosen 200, spelled as the arm spells it
+    dpzero_jobs = [j for j in jobs(sweep, ["method.clip"]) if j["method"] == "dpzero"]
+    assert len(dpzero_jobs) == 36 * 7 and {j["method.clip"] for j in dpzero_jobs} >= {"200", "50", "400"}
+    # zero-shot, FT and FT-LoRA × 4 lr, MeZO × 3 lr, DP-AdamW and DP-LoRA × 4 lr × 4 clip, DPZero × 7 clip
+    assert len(jobs(sweep, search_keys(sweep))) == 18 + 2 * 18 * 4 + 18 * 3 + 2 * 36 * 16 + 36 * 7
+    for item, count in [("method=dpzero", 36), ("privacy=eps2", 54), ("task.data_seed=42", 60)]:
+        part = load_sweep("dpzero_roberta")
+        assert restrict(part, item, None) is None
+        assert len(jobs(part)) == count, item
+    part = load_sweep("dpzero_opt")
+    searched = restrict(part, "method.clip=10,50", None)
+    assert searched == ["method.clip"] and len(jobs(part, searched)) == 144 + 72
+    with pytest.raises(ValueError, match="not a key of table dpzero_opt.*task.data_seed"):
+        restrict(load_sweep("dpzero_opt"), "method.eps=1", None)
+
+
+def test_when_splits_the_multirun_on_its_key():
+    sweep = load_sweep("dpzoso_roberta")
+    deltas = {}
+    for block in blocks(sweep):
+        assert "task" not in block.dims  # one multirun per task: its δ is a plain override
+        deltas[block.overrides["task"]] = float(block.overrides["privacy.target_delta"])
+    assert deltas == {"sst2-k512": 1 / 1024, "sst5-k512": 1 / 2560, "snli-k512": 1 / 1536, "mnli-k512": 1 / 1536,
+                      "trec-k512": 1 / 2646}
+
+
+# --- the report -------------------------------------------------------------------------------------------
+def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed",
+          model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0) -> None:
+    metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
+    results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": 42,
+               "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99}, "cost": {},
+               "config": {"method": {"clip": clip}}}
+    if status != "completed":
+        results["error"] = "ValueError: out of budget"
+    write_results(results, folder / f"{method}-{eps}-{seed}-{clip}-{status}" / "results.json")
 
 
 def test_report_means_standard_errors_references_and_missing(tmp_path):
@@ -49,19 +170,21 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     _fake(tmp_path, "mezo", math.inf, 0, 92.0)
     _fake(tmp_path, "dpzero", 6.0, 0, 0.0, status="failed")
     out = report(tmp_path, table="dpzero_roberta")
-    row = next(r for r in out["rows"] if r["method"] == "dpzero")
+    rows = out.rows()
+    row = next(r for r in rows if r["method"] == "dpzero")
     assert row["mean"] == pytest.approx(91.333333)
     assert row["stderr"] == pytest.approx(statistics.stdev([90, 91, 93]) / math.sqrt(3))  # 0.8819
     assert row["reference"] == 91.8 and row["difference"] == pytest.approx(91.333333 - 91.8)
-    assert row["epsilon_spent"] == pytest.approx(1.98)
-    mezo = next(r for r in out["rows"] if r["method"] == "mezo")
+    assert row["epsilon_spent"] == pytest.approx(1.98) and row["reference_source"].endswith("Table 2")
+    mezo = next(r for r in rows if r["method"] == "mezo")
     assert mezo["epsilon"] == "∞" and mezo["reference"] == 92.5 and mezo["stderr"] == 0.0
-    assert len(out["failed"]) == 1
-    assert ("sst5-k512", "roberta-large", "dpzero", 2.0) in out["missing"]
-    assert ("sst2-k512", "roberta-large", "dpzero", 2.0) not in out["missing"]
-    assert len(out["missing"]) == 60 - 2  # 10 method·ε columns x 6 tasks, two of them present
+    assert len(out.failed) == 1 and "out of budget" in out.failed[0]["error"]
+    assert ("sst5-k512", "roberta-large", "dpzero", 2.0) in out.missing
+    assert ("sst2-k512", "roberta-large", "dpzero", 2.0) not in out.missing
+    assert len(out.missing) == 60 - 2  # 10 method·ε columns x 6 tasks, two of them present
     table = (tmp_path / "table.md").read_text()
-    assert "91.3 ± 0.9 | 91.8 | -0.5" in table and "Missing cells (58)" in table and "Failed runs (1)" in table
+    assert "| 91.3 ± 0.9 | 91.8 | -0.5 |" in table and "Missing cells (58)" in table and "Failed runs (1)" in table
+    assert "Paper values: Zhang et al., DPZero (ICML 2024), Table 2." in table
     assert (tmp_path / "table.tex").read_text().count(r"\pm") == 2
     assert len((tmp_path / "table.csv").read_text().splitlines()) == 3
     png = tmp_path / "privacy_utility.png"
@@ -71,25 +194,119 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     assert matplotlib.image.imread(png).shape[0] > 100
 
 
-@requires_data
-def test_tiny_sweep_runs_reports_and_skips_finished_cells(tmp_path):
-    from dpft.train import run
+def test_report_keeps_the_searched_configuration_with_the_best_validation_metric(tmp_path):
+    searched, unvalidated = tmp_path / "searched", tmp_path / "unvalidated"
+    for seed in (0, 1):
+        _fake(searched, "dpzero", 2.0, seed, acc=80.0 + seed, val=70.0, clip=50.0)   # worse on validation
+        _fake(searched, "dpzero", 2.0, seed, acc=60.0 + seed, val=75.0, clip=200.0)  # kept, though worse on test
+    out = build(load_local(searched), load_sweep("dpzero_roberta"))
+    (cell,) = out.cells
+    assert cell.values == [60.0, 61.0] and cell.selected == {"method.clip": 200.0} and cell.tried == 2
+    assert "method.clip=200.0 (of 2)" in out.markdown()
+    # without the sweep nothing says what was searched: the runs are pooled
+    assert sorted(build(load_local(searched)).cells[0].values) == [60.0, 61.0, 80.0, 81.0]
+    # choosing needs a validation metric
+    _fake(unvalidated, "dpzero", 2.0, 0, acc=80.0, clip=50.0)
+    _fake(unvalidated, "dpzero", 2.0, 0, acc=60.0, clip=200.0)
+    with pytest.raises(ValueError, match="no validation metric to choose by: run searches with validate=true"):
+        build(load_local(unvalidated), load_sweep("dpzero_roberta"))
 
-    outputs = []
-    for method, privacy in [("mezo", "none"), ("dpzo", "eps2"), ("dpzo", "eps8")]:
-        for seed in (0, 1):
-            cfg = compose_config(["model=opt-tiny", "task=sst2", f"method={method}", f"privacy={privacy}",
-                                  f"seed={seed}", "skip_existing=true"], tmp_path / f"{method}-{privacy}-{seed}")
-            run(cfg)
-            outputs.append(cfg)
-    out = report(tmp_path)
-    assert len(out["rows"]) == 3 and all(r["n"] == 2 for r in out["rows"])
-    dpzo2 = next(r for r in out["rows"] if r["epsilon"] == "2")
-    values = [json.loads((Path(c.paths.output_dir) / "results.json").read_text())["metrics"]["test/acc"]
-              for c in outputs[2:4]]
-    assert dpzo2["mean"] == pytest.approx(statistics.fmean(values))
-    # re-running a finished cell skips it: the file is not rewritten
-    path = Path(outputs[0].paths.output_dir) / "results.json"
-    before = path.stat().st_mtime_ns
-    assert run(outputs[0])["status"] == "completed"
-    assert path.stat().st_mtime_ns == before
+
+def test_report_shows_method_minus_baseline_with_the_papers_difference(tmp_path):
+    for seed, (a, b) in enumerate([(70.0, 66.0), (72.0, 67.0)]):
+        _fake(tmp_path, "anadp", 4.0, seed, a, model="roberta-base", task="qnli-k512")
+        _fake(tmp_path, "dpsgd_lora", 4.0, seed, b, model="roberta-base", task="qnli-k512")
+    out = report(tmp_path, table="anadp_roberta")
+    (cmp,) = out.comparisons
+    assert cmp.difference == pytest.approx(71.0 - 66.5)
+    assert cmp.stderr == pytest.approx(math.hypot(statistics.stdev([70, 72]) / math.sqrt(2),
+                                                  statistics.stdev([66, 67]) / math.sqrt(2)))
+    row = next(r for r in out.rows() if r["method"] == "anadp")
+    assert row["vs_baseline"] == pytest.approx(4.5) and row["baseline"] == "dpsgd_lora (ε=4)"
+    assert "| qnli-k512 | roberta-base | anadp | dpsgd_lora (ε=4) | 4 | +4.5 ± 1.1 | – | – |" in out.markdown()
+    assert "anadp $-$ dpsgd\\_lora" in out.latex()
+    # a paper's difference (DP-ZO's headline) sits beside the measured one
+    (tmp_path / "dpzo").mkdir()
+    _fake(tmp_path / "dpzo", "mezo", math.inf, 0, 85.0, model="opt-66b", task="squad")
+    _fake(tmp_path / "dpzo", "dpzo", 1.0, 0, 82.0, model="opt-66b", task="squad")
+    out = report(tmp_path / "dpzo", table="dpzo_opt")
+    (cmp,) = out.comparisons
+    assert cmp.baseline.epsilon == math.inf and cmp.difference == -3.0 and cmp.reference == -1.86
+    assert "| -3.0 ± 0.0 | -1.86 | -1.1 |" in out.markdown()
+    assert next(c for c in out.cells if c.method == "mezo").reference == 85.0
+
+
+def test_summary_round_trip_and_the_wandb_reader(tmp_path):
+    results = {"method": "dpzo", "model": "opt-tiny", "task": "sst2", "seed": 1, "data_seed": 0, "status": "completed",
+               "metrics": {"test/acc": 50.0, "val/acc": 40.0},
+               "privacy": {"target_epsilon": 2.0, "epsilon_spent": 1.99, "mechanism": "gaussian"},
+               "cost": {"wall_seconds": 3.0}}
+    summary = flat_summary(results)
+    assert results_from_summary({**summary, "train/loss": 0.3, "_step": 4}) == results
+
+    def run(summary, group="t", job_type="train", state="finished", run_id="a"):
+        return SimpleNamespace(summary_metrics=summary, config={"method": {"clip": 0.05}}, group=group,
+                               job_type=job_type, state=state, path=["me", "dpft", run_id])
+
+    class FakeApi:
+        def __init__(self, runs):
+            self._runs, self.calls = runs, []
+
+        def runs(self, path, filters=None):
+            self.calls.append((path, filters))
+            return [r for r in self._runs if not filters or r.group == filters["group"]]
+
+    nonprivate = {**summary, "method": "mezo", "privacy/target_epsilon": "Infinity", "privacy/mechanism": "none"}
+    api = FakeApi([run(summary), run(nonprivate, run_id="b"), run({"_runtime": 3}, state="crashed", run_id="c"),
+                   run({"report/cells": 2}, job_type="report", run_id="d"), run(summary, group="other", run_id="e")])
+    loaded = load_wandb("me/dpft", "t", api=api)
+    assert api.calls == [("me/dpft", {"group": "t"})]
+    assert [r["source"] for r in loaded] == ["me/dpft/a", "me/dpft/b", "me/dpft/c"]
+    out = build(loaded)
+    assert [(c.method, c.epsilon, c.values) for c in out.cells] == [("dpzo", 2.0, [50.0]), ("mezo", math.inf, [50.0])]
+    assert out.failed == [{"path": "me/dpft/c", "error": "no results in the run summary (W&B state crashed)"}]
+    assert loaded[0]["config"] == {"method": {"clip": 0.05}}
+
+
+def test_report_needs_one_source(tmp_path):
+    with pytest.raises(ValueError, match="one of them"):
+        report()
+    with pytest.raises(ValueError, match="one of them"):
+        report(tmp_path, wandb_path="me/dpft")
+    with pytest.raises(ValueError, match="does not exist"):
+        report(tmp_path / "nope")
+
+
+# --- configs: W&B group and tags, launchers ---------------------------------------------------------------
+def test_wandb_logger_groups_a_table_and_tags_each_run():
+    cfg = compose_config(["model=opt-tiny", "method=dpzo", "privacy=eps0.5", "table=cpu", "tags=[mine]"], shrink=False)
+    assert cfg.logger.group == "cpu" and cfg.logger.offline is True
+    assert list(cfg.logger.tags) == ["mine", "cpu", "dpzo", "sst2-k512", "opt-tiny", "eps=0.5"]
+    cfg = compose_config(["model=opt-tiny", "method=mezo"], shrink=False)
+    assert cfg.logger.group == "sst2-k512-opt-tiny" and list(cfg.logger.tags) == ["mezo", "sst2-k512", "opt-tiny",
+                                                                                  "eps=inf"]
+
+
+def _launcher(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    return launcher
+
+
+def test_launcher_configs_compose():
+    slurm = _launcher("hydra/launcher=slurm")  # no local config: Slurm's defaults, one task, one GPU
+    assert slurm["_target_"].endswith("SlurmLauncher") and slurm["partition"] is None and slurm["account"] is None
+    assert slurm["tasks_per_node"] == 1 and slurm["gres"] == "gpu:1" and slurm["nodes"] == 1
+    local = _launcher("hydra/launcher=slurm", "local=example")
+    example = OmegaConf.load(CONFIG_DIR / "local" / "example.yaml").slurm
+    assert local["partition"] == example.partition and local["account"] == example.account
+    assert local["gres"] == f"gpu:{example.gpu_type}:1" and local["setup"] == list(example.setup)
+    multi = _launcher("hydra/launcher=slurm_multigpu", "trainer.devices=4", "local=example")
+    assert multi["tasks_per_node"] == 4 and multi["gres"] == f"gpu:{example.gpu_type}:4"
+    joblib = _launcher("hydra/launcher=parallel", "hydra.launcher.n_jobs=3")
+    assert joblib["_target_"].endswith("JoblibLauncher") and joblib["n_jobs"] == 3
+    assert _launcher("hydra/launcher=parallel")["n_jobs"] == 2
+    for name, config in [("joblib", "parallel"), ("slurm", "slurm"), ("slurm_multigpu", "slurm_multigpu")]:
+        assert f"hydra/launcher={config}" in commands(load_sweep("cpu"), name)[0]
+    assert not any(a.startswith("hydra/launcher") for a in commands(load_sweep("cpu"))[0])

@@ -12,18 +12,20 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpft.methods.base import MethodModule
+if TYPE_CHECKING:  # torch and the methods load only where results are built: reports read them without
+    from dpft.methods.base import MethodModule
 
 SCHEMA_VERSION = 1
 
 
 def peak_memory_bytes() -> int:
     """Peak accelerator memory when on GPU, else the process's peak resident set size."""
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -51,6 +53,8 @@ def _git_commit() -> str | None:
 
 def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, data_sizes: dict[str, int],
                   params_total: int, params_trainable: int, peak_memory: int) -> dict[str, Any]:
+    import torch
+
     metrics = dict(sorted(module.final_metrics.items()))
     steps = module.steps_done
     privacy = module.privacy_block()
@@ -121,6 +125,20 @@ def flat_summary(results: dict[str, Any]) -> dict[str, Any]:
     out.update(results["metrics"])
     for block in ("privacy", "cost"):
         out.update({f"{block}/{k}": v for k, v in results[block].items()})
+    return out
+
+
+def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inverse of `flat_summary`: the results blocks from a run summary (e.g. read back from W&B, where
+    training also logs `val/*`, `privacy/*` under the same names; other keys are left out)."""
+    out: dict[str, Any] = {k: summary.get(k) for k in ("method", "model", "task", "seed", "data_seed", "status")}
+    if "error" in summary:
+        out["error"] = summary["error"]
+    out["metrics"] = {k: v for k, v in summary.items() if k.startswith(("val/", "test/"))}
+    for block in ("privacy", "cost"):
+        out[block] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
+    if config is not None:
+        out["config"] = config
     return out
 
 

@@ -1,10 +1,15 @@
 """`dpft-report <results folder> [--table <name>] [--out <folder>]`: tables (Markdown, LaTeX, CSV) and a
-privacy-utility plot from the results.json files below a folder (recursively).
+privacy-utility plot from the results.json files below a folder (recursively), or with
+`--wandb <entity/project>` from the summaries of a W&B project's runs (the same figures, the same code
+after loading).
 
 A cell is (task, model, method, target ε); its value is the mean ± standard error over seeds (and
-data seeds) of the main test metric (accuracy, or F1 for generation tasks). With `--table`, the
-sweep file `sweeps/<name>.yaml` supplies the expected grid (for the list of missing cells) and the
-papers' reference values, shown beside each cell with the difference.
+data seeds) of the main test metric (accuracy, or F1 for generation tasks). With `--table` (a sweep
+name or a sweep file's path), the sweep supplies the expected grid (for the list of missing cells),
+the papers' reference values (shown beside each cell with the difference), the comparisons to show
+(method - baseline per cell) and the searched hyperparameters (per cell, the values with the best
+mean validation metric are kept). `--log-wandb` logs the report as a W&B run of its own (job type
+"report", the table's group): the table as a W&B Table and the plot as an image.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dpft.report.sweeps import SWEEPS_DIR, jobs, load_sweep, privacy_epsilon
+from dpft.report.sweeps import jobs as sweep_jobs
+from dpft.report.sweeps import load_sweep, privacy_epsilon, search_keys
+from dpft.results import results_from_summary
+
+MAIN_METRICS = ("test/f1", "test/acc")  # F1 for generation tasks, else accuracy
+CellKey = tuple[str, str, str, float]  # task, model, method, target ε
 
 
 @dataclass
@@ -31,6 +41,9 @@ class Cell:
     values: list[float] = field(default_factory=list)
     spent: list[float] = field(default_factory=list)
     reference: float | None = None
+    source: str | None = None
+    selected: dict[str, Any] = field(default_factory=dict)  # searched values kept (best validation metric)
+    tried: int = 1  # searched configurations seen for this cell
 
     @property
     def mean(self) -> float:
@@ -41,161 +54,360 @@ class Cell:
         return statistics.stdev(self.values) / math.sqrt(len(self.values)) if len(self.values) > 1 else 0.0
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> CellKey:
         return self.task, self.model, self.method, self.epsilon
 
 
-def main_metric(results: dict[str, Any]) -> float | None:
-    metrics = results.get("metrics", {})
-    for key in ("test/f1", "test/acc"):
-        if key in metrics:
-            return float(metrics[key])
-    return None
+@dataclass
+class Comparison:
+    """method - baseline on the same task and model (independent runs: the standard errors add in quadrature)."""
 
+    cell: Cell
+    baseline: Cell
+    reference: float | None = None  # the paper's difference, when it reports one
 
-def collect(folder: Path) -> tuple[list[Cell], list[dict[str, Any]]]:
-    """Cells from completed runs, and the failed runs (status other than completed)."""
-    cells: dict[tuple, Cell] = {}
-    failed = []
-    for path in sorted(folder.rglob("results.json")):
-        results = json.loads(path.read_text())
-        if results.get("status") != "completed":
-            failed.append({"path": str(path), "error": results.get("error", results.get("status"))})
-            continue
-        value = main_metric(results)
-        if value is None:
-            failed.append({"path": str(path), "error": "no test metric"})
-            continue
-        eps = float(results["privacy"]["target_epsilon"])
-        key = (results["task"], results["model"], results["method"], eps)
-        cell = cells.setdefault(key, Cell(*key))
-        cell.values.append(value)
-        if results["privacy"].get("epsilon_spent") is not None:
-            cell.spent.append(float(results["privacy"]["epsilon_spent"]))
-    return sorted(cells.values(), key=lambda c: c.key), failed
+    @property
+    def difference(self) -> float:
+        return self.cell.mean - self.baseline.mean
 
-
-def attach_references(cells: list[Cell], sweep: dict[str, Any]) -> list[tuple]:
-    """Set each cell's reference value; return the expected cells with no completed run."""
-    by_key = {c.key: c for c in cells}
-    for ref in sweep.get("reference", []):
-        key = (ref["task"], ref["model"], ref["method"], float(ref["epsilon"]))
-        if key in by_key:
-            by_key[key].reference = float(ref["value"])
-    return [key for key in expected_cells(sweep) if key not in by_key]
-
-
-def expected_cells(sweep: dict[str, Any]) -> list[tuple]:
-    out = []
-    for job in jobs(sweep):
-        key = (job["task"], job["model"], job["method"], privacy_epsilon(job["privacy"]))
-        if key not in out:
-            out.append(key)
-    return out
+    @property
+    def stderr(self) -> float:
+        return math.hypot(self.cell.stderr, self.baseline.stderr)
 
 
 def _eps(value: float) -> str:
     return "∞" if math.isinf(value) else f"{value:g}"
 
 
-def rows(cells: list[Cell]) -> list[dict[str, Any]]:
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+# --- loading: local results.json files or W&B run summaries, both as results dicts ------------------------
+def load_local(folder: Path) -> list[dict[str, Any]]:
+    """Every results.json below `folder`, with its path as `source`."""
     out = []
-    for c in cells:
-        out.append({"task": c.task, "model": c.model, "method": c.method, "epsilon": _eps(c.epsilon),
-                    "epsilon_spent": statistics.fmean(c.spent) if c.spent else None, "n": len(c.values),
-                    "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
-                    "difference": None if c.reference is None else c.mean - c.reference})
+    for path in sorted(Path(folder).rglob("results.json")):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            results = {"status": "unreadable", "error": str(err)}
+        out.append({**results, "source": str(path)})
     return out
 
 
-def to_markdown(table: list[dict[str, Any]], missing: list[tuple], failed: list[dict]) -> str:
-    lines = ["| task | model | method | ε target | ε spent | n | test (mean ± s.e.) | paper | Δ |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3g}"
-        ref = "–" if r["reference"] is None else f"{r['reference']:.1f}"
-        diff = "–" if r["difference"] is None else f"{r['difference']:+.1f}"
-        lines.append(f"| {r['task']} | {r['model']} | {r['method']} | {r['epsilon']} | {spent} | {r['n']} | "
-                     f"{r['mean']:.1f} ± {r['stderr']:.1f} | {ref} | {diff} |")
-    if missing:
-        lines += ["", f"Missing cells ({len(missing)}):", *[f"- {t} / {m} / {meth} / ε={_eps(e)}"
-                                                            for t, m, meth, e in missing]]
-    if failed:
-        lines += ["", f"Failed runs ({len(failed)}):", *[f"- {f['path']}: {f['error']}" for f in failed]]
-    return "\n".join(lines) + "\n"
+def load_wandb(path: str, table: str | None = None, api: Any = None) -> list[dict[str, Any]]:
+    """The training runs of a W&B project (`entity/project`), as results dicts rebuilt from their summaries
+    (train.py writes the results block there); with `table`, only that table's group."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    out = []
+    for run in api.runs(path, filters={"group": table} if table else None):
+        if run.job_type == "report":
+            continue
+        summary = dict(run.summary_metrics)
+        source = "/".join(run.path)
+        if "method" not in summary:
+            out.append({"status": run.state, "error": f"no results in the run summary (W&B state {run.state})",
+                        "source": source})
+            continue
+        out.append({**results_from_summary(summary, config=dict(run.config)), "source": source})
+    return out
 
 
-def to_latex(table: list[dict[str, Any]]) -> str:
-    lines = [r"\begin{tabular}{llllrrl}", r"\toprule",
-             r"Task & Model & Method & $\varepsilon$ & Test & Paper & $\Delta$ \\", r"\midrule"]
-    for r in table:
-        ref = "--" if r["reference"] is None else f"{r['reference']:.1f}"
-        diff = "--" if r["difference"] is None else f"{r['difference']:+.1f}"
-        eps = r"$\infty$" if r["epsilon"] == "∞" else r["epsilon"]
-        lines.append(f"{r['task']} & {r['model']} & {r['method'].replace('_', chr(92) + '_')} & {eps} & "
-                     f"{r['mean']:.1f} $\\pm$ {r['stderr']:.1f} & {ref} & {diff} \\\\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+# --- cells, references, comparisons -----------------------------------------------------------------------
+def main_metric(results: dict[str, Any]) -> float | None:
+    metrics = results.get("metrics", {})
+    return next((float(metrics[k]) for k in MAIN_METRICS if metrics.get(k) is not None), None)
 
 
-def plot(cells: list[Cell], path: Path) -> None:
-    """Utility vs ε per method, one panel per (task, model); non-private methods as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(c.task, c.model) for c in cells})
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
-    for ax, (task, model) in zip(axes[0], panels):
-        series: dict[str, list[Cell]] = defaultdict(list)
-        for c in cells:
-            if (c.task, c.model) == (task, model):
-                series[c.method].append(c)
-        for index, (method, points) in enumerate(sorted(series.items())):
-            color = f"C{index % 10}"
-            finite = sorted((p for p in points if math.isfinite(p.epsilon)), key=lambda p: p.epsilon)
-            if finite:
-                ax.errorbar([p.epsilon for p in finite], [p.mean for p in finite], yerr=[p.stderr for p in finite],
-                            marker="o", capsize=3, label=method, color=color)
-            for p in points:
-                if math.isinf(p.epsilon):
-                    ax.axhline(p.mean, linestyle="--", linewidth=1, label=f"{method} (ε=∞)", color=color)
-        ax.set_xscale("log")
-        ax.set_xlabel("ε (target)")
-        ax.set_ylabel("test metric (%)")
-        ax.set_title(f"{task} · {model}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _validation(runs: list[dict[str, Any]]) -> float:
+    values = [float(v) for r in runs for k in ("val/f1", "val/acc") if (v := r.get("metrics", {}).get(k)) is not None]
+    return statistics.fmean(values) if values else -math.inf
 
 
-def report(folder: Path, out: Path | None = None, table: str | None = None) -> dict[str, Any]:
-    out = out or folder
-    out.mkdir(parents=True, exist_ok=True)
-    cells, failed = collect(folder)
-    missing = attach_references(cells, load_sweep(table)) if table else []
-    table_rows = rows(cells)
-    (out / "table.md").write_text(to_markdown(table_rows, missing, failed))
-    (out / "table.tex").write_text(to_latex(table_rows))
-    with (out / "table.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table_rows[0]) if table_rows else ["task"])
-        writer.writeheader()
-        writer.writerows(table_rows)
-    plot(cells, out / "privacy_utility.png")
-    return {"rows": table_rows, "missing": missing, "failed": failed}
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _epsilon(results: dict[str, Any]) -> float:
+    value = results["privacy"].get("target_epsilon")
+    return math.inf if value is None and results["privacy"].get("mechanism") == "none" else float(value)
+
+
+@dataclass
+class Report:
+    cells: list[Cell]
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[CellKey] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    table: str | None = None
+
+    def select(self, methods=None, tasks=None, models=None) -> Report:
+        """The report restricted to some methods, tasks or models (None keeps all): for notebooks."""
+        def keep(task, model, method):
+            return all(v is None or x in v for x, v in ((task, tasks), (model, models), (method, methods)))
+
+        return replace(self, cells=[c for c in self.cells if keep(c.task, c.model, c.method)],
+                       missing=[m for m in self.missing if keep(*m[:3])],
+                       comparisons=[c for c in self.comparisons if keep(c.cell.task, c.cell.model, c.cell.method)])
+
+    def rows(self) -> list[dict[str, Any]]:
+        compared = {c.cell.key: c for c in self.comparisons}
+        out = []
+        for c in self.cells:
+            cmp = compared.get(c.key)
+            out.append({
+                "task": c.task, "model": c.model, "method": c.method, "epsilon": _eps(c.epsilon),
+                "epsilon_spent": statistics.fmean(c.spent) if c.spent else None, "n": len(c.values),
+                "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
+                "difference": None if c.reference is None else c.mean - c.reference, "reference_source": c.source,
+                "selected": " ".join(f"{k}={v}" for k, v in c.selected.items()) or None, "tried": c.tried,
+                "baseline": cmp and f"{cmp.baseline.method} (ε={_eps(cmp.baseline.epsilon)})",
+                "vs_baseline": cmp and cmp.difference, "vs_baseline_stderr": cmp and cmp.stderr,
+                "vs_baseline_reference": cmp and cmp.reference,
+            })
+        return out
+
+    def frame(self):
+        """The rows as a pandas DataFrame (epsilon as a number, for filtering and sorting)."""
+        import pandas as pd
+
+        df = pd.DataFrame(self.rows())
+        if not df.empty:
+            df["epsilon"] = df["epsilon"].replace("∞", "inf").astype(float)
+        return df
+
+    def markdown(self) -> str:
+        rows = self.rows()
+        searched = any(r["selected"] for r in rows)
+        head = ["task", "model", "method", "ε target", "ε spent", "n", "test (mean ± s.e.)", "paper", "Δ"]
+        lines = ["| " + " | ".join(head + (["selected (best val)"] if searched else [])) + " |",
+                 "|" + "---|" * (len(head) + searched)]
+        for r in rows:
+            cells = [r["task"], r["model"], r["method"], r["epsilon"], _fmt(r["epsilon_spent"], ".3g"), str(r["n"]),
+                     f"{r['mean']:.1f} ± {r['stderr']:.1f}", _fmt(r["reference"]), _fmt(r["difference"], "+.1f")]
+            if searched:
+                cells.append(f"{r['selected']} (of {r['tried']})" if r["selected"] else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        if self.comparisons:
+            lines += ["", "Differences (method − baseline, ± s.e.):", "",
+                      "| task | model | method | baseline | ε | difference | paper | Δ |", "|---|---|---|---|---|---|---|---|"]
+            for c in self.comparisons:
+                paper_delta = None if c.reference is None else c.difference - c.reference
+                lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.method} | {c.baseline.method} (ε="
+                             f"{_eps(c.baseline.epsilon)}) | {_eps(c.cell.epsilon)} | {c.difference:+.1f} ± "
+                             f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')} | {_fmt(paper_delta, '+.1f')} |")
+        if self.sources:
+            lines += ["", "Paper values: " + "; ".join(self.sources) + "."]
+        if self.missing:
+            lines += ["", f"Missing cells ({len(self.missing)}):",
+                      *[f"- {t} / {m} / {meth} / ε={_eps(e)}" for t, m, meth, e in self.missing]]
+        if self.failed:
+            lines += ["", f"Failed runs ({len(self.failed)}):", *[f"- {f['path']}: {f['error']}" for f in self.failed]]
+        return "\n".join(lines) + "\n"
+
+    def latex(self) -> str:
+        def esc(text: str) -> str:
+            return text.replace("_", r"\_")
+
+        def eps(value: float) -> str:
+            return r"$\infty$" if math.isinf(value) else f"{value:g}"
+
+        lines = [r"\begin{tabular}{llllrrl}", r"\toprule",
+                 r"Task & Model & Method & $\varepsilon$ & Test & Paper & $\Delta$ \\", r"\midrule"]
+        for c in self.cells:
+            diff = None if c.reference is None else c.mean - c.reference
+            lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.method)} & {eps(c.epsilon)} & "
+                         f"{c.mean:.1f} $\\pm$ {c.stderr:.1f} & {_fmt(c.reference).replace('–', '--')} & "
+                         f"{_fmt(diff, '+.1f').replace('–', '--')} \\\\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        if self.comparisons:
+            lines += ["", r"\begin{tabular}{lllll}", r"\toprule",
+                      r"Task & Model & Method $-$ baseline & $\varepsilon$ & Difference \\", r"\midrule"]
+            for c in self.comparisons:
+                lines.append(f"{esc(c.cell.task)} & {esc(c.cell.model)} & {esc(c.cell.method)} $-$ "
+                             f"{esc(c.baseline.method)} & {eps(c.cell.epsilon)} & {c.difference:+.1f} $\\pm$ "
+                             f"{c.stderr:.1f} \\\\")
+            lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+
+    def figure(self):
+        """Utility vs ε per method, one panel per (task, model); non-private methods as dashed lines. A
+        matplotlib Figure of its own (no pyplot state: shown inline by notebooks, saved by `write`)."""
+        from matplotlib.figure import Figure
+
+        panels = sorted({(c.task, c.model) for c in self.cells})
+        fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="tight")
+        axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
+        for ax, (task, model) in zip(axes[0], panels):
+            series: dict[str, list[Cell]] = defaultdict(list)
+            for c in self.cells:
+                if (c.task, c.model) == (task, model):
+                    series[c.method].append(c)
+            for index, (method, points) in enumerate(sorted(series.items())):
+                color = f"C{index % 10}"
+                finite = sorted((p for p in points if math.isfinite(p.epsilon)), key=lambda p: p.epsilon)
+                if finite:
+                    ax.errorbar([p.epsilon for p in finite], [p.mean for p in finite],
+                                yerr=[p.stderr for p in finite], marker="o", capsize=3, label=method, color=color)
+                for p in points:
+                    if math.isinf(p.epsilon):
+                        ax.axhline(p.mean, linestyle="--", linewidth=1, label=f"{method} (ε=∞)", color=color)
+            ax.set_xscale("log")
+            ax.set_xlabel("ε (target)")
+            ax.set_ylabel("test metric (%)")
+            ax.set_title(f"{task} · {model}")
+            ax.legend(fontsize=8)
+        return fig
+
+    def write(self, out: Path) -> None:
+        """table.md, table.tex, table.csv and privacy_utility.png into `out`."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(self.markdown())
+        (out / "table.tex").write_text(self.latex())
+        rows = self.rows()
+        with (out / "table.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["task"])
+            writer.writeheader()
+            writer.writerows(rows)
+        self.figure().savefig(out / "privacy_utility.png", dpi=120)
+
+
+def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> Report:
+    """Cells from completed runs (failed ones listed); with a sweep: references, comparisons, missing cells,
+    and per cell the searched configuration with the best mean validation metric."""
+    searched = search_keys(sweep) if sweep else []
+    groups: dict[CellKey, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    failed = []
+    for r in results:
+        if r.get("status") != "completed":
+            failed.append({"path": r.get("source"), "error": r.get("error", r.get("status"))})
+        elif main_metric(r) is None:
+            failed.append({"path": r.get("source"), "error": "no test metric"})
+        else:
+            key = (r["task"], r["model"], r["method"], _epsilon(r))
+            groups[key][tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
+    cells = []
+    for key, configurations in sorted(groups.items()):
+        if len(configurations) > 1 and all(_validation(runs) == -math.inf for runs in configurations.values()):
+            raise ValueError(f"cell {key}: {len(configurations)} searched configurations of {searched} but no "
+                             "validation metric to choose by: run searches with validate=true")
+        choice, runs = max(sorted(configurations.items(), key=str), key=lambda item: _validation(item[1]))
+        varied = [i for i in range(len(searched)) if len({c[i] for c in configurations}) > 1]
+        cells.append(Cell(*key, values=[main_metric(r) for r in runs],
+                          spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
+                                 if r["privacy"].get("epsilon_spent") is not None],
+                          selected={searched[i]: choice[i] for i in varied}, tried=len(configurations)))
+    report = Report(cells, failed, table=sweep.get("table") if sweep else None)
+    if sweep:
+        _attach_sweep(report, sweep)
+    return report
+
+
+def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
+    by_key = {c.key: c for c in report.cells}
+    for spec in sweep.get("compare") or []:
+        for cell in report.cells:
+            if cell.method != spec["method"]:
+                continue
+            eps = float(spec.get("baseline_epsilon", cell.epsilon))
+            if (base := by_key.get((cell.task, cell.model, spec["baseline"], eps))) is not None:
+                report.comparisons.append(Comparison(cell, base))
+    compared = {(c.cell.key, c.baseline.method): c for c in report.comparisons}
+    used = []
+    for ref in sweep.get("reference") or []:
+        key = (ref["task"], ref["model"], ref["method"], float(ref["epsilon"]))
+        source = ref.get("source", sweep.get("reference_source"))
+        target = compared.get((key, ref["baseline"])) if "baseline" in ref else by_key.get(key)
+        if target is None:
+            continue
+        target.reference = float(ref["value"])
+        if isinstance(target, Cell):
+            target.source = source
+        used += [source] if source not in used else []
+    report.sources = used
+    present = set(by_key)
+    expected = dict.fromkeys((j["task"], j["model"], j["method"], privacy_epsilon(j["privacy"]))
+                             for j in sweep_jobs(sweep))
+    report.missing = [key for key in expected if key not in present]
+
+
+def log_to_wandb(report: Report, out: Path, project: str = "dpft", entity: str | None = None,
+                 offline: bool = True) -> Path:
+    """The report as a W&B run of its own (job type "report", the table's group): the rows as a Table, the
+    missing cells as another, the plot as an image. Returns the run's folder."""
+    import wandb
+
+    group = report.table or "report"
+    run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report-{group}",
+                     tags=[group, "report"], dir=str(out), mode="offline" if offline else "online",
+                     config={"table": report.table}, reinit="finish_previous")
+    rows = report.rows()
+    columns = list(rows[0]) if rows else ["task"]
+    run.log({
+        "report/table": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+        "report/missing": wandb.Table(columns=["task", "model", "method", "epsilon"],
+                                      data=[[t, m, meth, _eps(e)] for t, m, meth, e in report.missing]),
+        "report/privacy_utility": wandb.Image(str(out / "privacy_utility.png")),
+    })
+    run.summary.update({"report/cells": len(report.cells), "report/missing": len(report.missing),
+                        "report/failed": len(report.failed)})
+    folder = Path(run.dir).parent
+    run.finish()
+    return folder
+
+
+def report(folder: Path | None = None, out: Path | None = None, table: str | None = None,
+           sweep: dict[str, Any] | None = None, wandb_path: str | None = None, api: Any = None,
+           log_wandb: dict[str, Any] | None = None) -> Report:
+    """Load (a results folder, or a W&B project), build, write into `out` (default: the folder), and
+    optionally log the report to W&B (`log_wandb`: project, entity, offline)."""
+    if (folder is None) == (wandb_path is None):
+        raise ValueError("give a results folder or a W&B project (--wandb entity/project), one of them")
+    sweep = sweep or (load_sweep(table) if table else None)
+    if wandb_path:
+        results = load_wandb(wandb_path, sweep["table"] if sweep else None, api=api)
+    elif not Path(folder).is_dir():
+        raise ValueError(f"results folder {folder} does not exist (run the table first: make table-<name>)")
+    else:
+        results = load_local(folder)
+    result = build(results, sweep)
+    out = Path(out or folder)
+    result.write(out)
+    if log_wandb:
+        log_to_wandb(result, out, **log_wandb)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="folder searched recursively for results.json")
-    parser.add_argument("--table", help=f"sweep name in {SWEEPS_DIR} (reference values, expected cells)")
+    parser.add_argument("folder", type=Path, nargs="?", help="folder searched recursively for results.json")
+    parser.add_argument("--table", help="sweep name in sweeps/ or a sweep file (references, expected cells)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the results folder)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs of a W&B project instead of files")
+    parser.add_argument("--log-wandb", metavar="[ENTITY/]PROJECT", nargs="?", const="dpft",
+                        help="log the report as a W&B run (offline unless --online; default project dpft)")
+    parser.add_argument("--online", action="store_true", help="with --log-wandb: upload now instead of offline")
     args = parser.parse_args(argv)
-    result = report(args.folder, args.out, args.table)
-    print((args.out or args.folder).joinpath("table.md").read_text())
-    print(f"{len(result['rows'])} cells, {len(result['missing'])} missing, {len(result['failed'])} failed")
+    if args.wandb and args.out is None:
+        parser.error("--wandb needs --out (where to write the tables and the plot)")
+    log = None
+    if args.log_wandb:
+        entity, _, project = args.log_wandb.rpartition("/")
+        log = {"project": project, "entity": entity or None, "offline": not args.online}
+    try:
+        result = report(args.folder, args.out, args.table, wandb_path=args.wandb, log_wandb=log)
+    except ValueError as err:
+        parser.error(str(err))
+    print(result.markdown())
+    print(f"{len(result.cells)} cells, {len(result.missing)} missing, {len(result.failed)} failed; "
+          f"written to {args.out or args.folder}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,20 @@
-"""Table sweeps (`sweeps/<name>.yaml`) and `dpft-sweep <name>`: run a table's grid, skipping finished cells.
+"""Table sweeps (`sweeps/<name>.yaml`) and `dpft-sweep <name | path.yaml>`: run a table's grid, skipping
+finished cells, then build its report.
 
-A sweep file holds `fixed` overrides for every job, a `grid` (key -> values, Cartesian product),
-`arms` (method + the privacy options it runs under + its own overrides) and `reference` values
-from the papers, each with its source. Jobs land in `logs/tables/<name>/<overrides>/`; a job whose
-`results.json` says completed is skipped (`skip_existing=true`), so re-running resumes a sweep.
+A sweep file holds:
+  fixed:      overrides for every job
+  grid:       key -> values (Cartesian product)
+  arms:       method + the privacy options it runs under + its own overrides (the papers' chosen values)
+  when:       "key=value" -> overrides that go with that value of a grid key, method or privacy
+              (e.g. a per-task δ = 1/n)
+  search:     method -> {key: values}: the grid a paper searched; off by default (the arm's chosen value
+              runs), `--search [KEY ...]` or `--set KEY=V1,V2` runs it, and the report keeps per cell the
+              values with the best mean validation metric
+  compare:    [{method, baseline, baseline_epsilon?}]: the report shows method - baseline per cell
+  reference:  the papers' values [{task, model, method, epsilon, value, source?}] (with `baseline:` a
+              paper's method - baseline difference), `reference_source` the default source
+Jobs land in `logs/tables/<name>/<overrides>/`; a job whose `results.json` says completed is skipped
+(`skip_existing=true`), so re-running resumes a sweep.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import itertools
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,90 +33,263 @@ from omegaconf import OmegaConf
 from dpft.config import CONFIG_DIR
 
 SWEEPS_DIR = CONFIG_DIR.parent / "sweeps"
-LAUNCHERS = ("basic", "joblib", "slurm")
+# LAUNCHER -> conf/hydra/launcher/<config> (None: Hydra's basic launcher, one job after another)
+LAUNCHERS = {"basic": None, "joblib": "parallel", "slurm": "slurm", "slurm_multigpu": "slurm_multigpu"}
+SWEEP_KEYS = ("table", "description", "fixed", "grid", "arms", "when", "search", "compare", "reference_source",
+              "reference")
+REFERENCE_KEYS = ("task", "model", "method", "epsilon", "value")
 
 
-def load_sweep(name: str) -> dict[str, Any]:
-    path = SWEEPS_DIR / f"{name}.yaml"
+def config_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def load_sweep(name: str | Path) -> dict[str, Any]:
+    """A sweep by name (`sweeps/<name>.yaml`) or by path (`path/to/table.yaml`), checked."""
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else SWEEPS_DIR / f"{name}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown table {name!r}; the sweeps are: {', '.join(names)}")
+        raise ValueError(f"unknown table {str(name)!r}: give a sweep file's path or one of: "
+                         f"{', '.join(p.stem for p in sorted(SWEEPS_DIR.glob('*.yaml')))}")
     sweep = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    sweep.setdefault("table", name)
+    sweep.setdefault("table", path.stem)
+    check_sweep(sweep, path)
     return sweep
+
+
+def _fail(where: Path | str, message: str) -> None:
+    raise ValueError(f"{where}: {message}")
+
+
+def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
+    """Clear errors for a sweep file's mistakes, naming the key and the valid values."""
+    if unknown := sorted(set(sweep) - set(SWEEP_KEYS)):
+        _fail(where, f"unknown keys {unknown}; a sweep has {list(SWEEP_KEYS)}")
+    methods, privacy = config_options("method"), config_options("privacy")
+    if not sweep.get("arms"):
+        _fail(where, "arms: list at least one {method: ..., privacy: [...], overrides: [...]}")
+    for arm in sweep["arms"]:
+        if arm.get("method") not in methods:
+            _fail(where, f"arms: method={arm.get('method')!r} is not one of {methods}")
+        for option in arm.get("privacy", ["none"]):
+            if option not in privacy:
+                _fail(where, f"arms: privacy={option!r} (method {arm['method']}) is not one of {privacy}")
+    arm_methods = [arm["method"] for arm in sweep["arms"]]
+    grid = sweep.get("grid") or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            _fail(where, f"grid.{key}: give a non-empty list of values")
+    fixed_keys = {o.split("=", 1)[0] for o in sweep.get("fixed", [])}
+    if both := sorted(fixed_keys & set(grid)):
+        _fail(where, f"{both} are both fixed and grid keys")
+    for condition in sweep.get("when") or {}:
+        key = condition.split("=", 1)[0]
+        if "=" not in condition or key not in {*grid, *fixed_keys, "method", "privacy"}:
+            _fail(where, f"when: {condition!r} must be key=value with key a grid key, a fixed key, method or privacy")
+    for method, dims in (sweep.get("search") or {}).items():
+        if method not in arm_methods:
+            _fail(where, f"search.{method}: not a method of the arms {arm_methods}")
+        for key, values in dims.items():
+            if not isinstance(values, list) or not values:
+                _fail(where, f"search.{method}.{key}: give a non-empty list of values")
+    for spec in sweep.get("compare") or []:
+        for role in ("method", "baseline"):
+            if spec.get(role) not in arm_methods:
+                _fail(where, f"compare: {role}={spec.get(role)!r} is not a method of the arms {arm_methods}")
+    for ref in sweep.get("reference") or []:
+        if missing := [k for k in REFERENCE_KEYS if k not in ref]:
+            _fail(where, f"reference {ref}: missing {missing}")
+        if not ref.get("source", sweep.get("reference_source")):
+            _fail(where, f"reference {ref}: give its source (or a reference_source for the file)")
 
 
 def privacy_epsilon(option: str) -> float:
     return float(OmegaConf.load(CONFIG_DIR / "privacy" / f"{option}.yaml").target_epsilon)
 
 
-def _split(override: str) -> tuple[str, str]:
-    key, value = override.split("=", 1)
-    return key, value
+def _overrides(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
 
 
-def jobs(sweep: dict[str, Any]) -> list[dict[str, str]]:
-    """Every job as {key: value} overrides (plus `task`, `model`, `method`, `privacy`)."""
-    fixed = dict(_split(o) for o in sweep.get("fixed", []))
-    grid = sweep.get("grid", {})
-    keys = list(grid)
-    out = []
+def _strs(values: list[Any]) -> list[str]:
+    return [str(v) for v in values]
+
+
+def _same(text: str, value: Any) -> bool:
+    try:
+        return float(text) == float(value)
+    except ValueError:
+        return text == str(value)
+
+
+@dataclass
+class Block:
+    """One `dpft-train --multirun`: single-valued overrides and swept keys (comma lists)."""
+
+    overrides: dict[str, str]
+    dims: dict[str, list[str]]
+
+    def jobs(self) -> list[dict[str, str]]:
+        keys = list(self.dims)
+        return [{**self.overrides, **dict(zip(keys, values))}
+                for values in itertools.product(*(self.dims[k] for k in keys))]
+
+
+def search_keys(sweep: dict[str, Any]) -> list[str]:
+    return sorted({key for dims in (sweep.get("search") or {}).values() for key in dims})
+
+
+def blocks(sweep: dict[str, Any], search: list[str] | None = None) -> list[Block]:
+    """The sweep as multirun blocks: arms with the same overrides and privacy options share one; `search`
+    names the searched keys to expand (None: the arms' chosen values only)."""
+    fixed = _overrides(sweep.get("fixed", []))
+    grid = {key: _strs(values) for key, values in (sweep.get("grid") or {}).items()}
+    merged: dict[tuple, list[str]] = {}
     for arm in sweep["arms"]:
-        arm_fixed = dict(_split(o) for o in arm.get("overrides", []))
-        for privacy in arm.get("privacy", ["none"]):
-            for values in itertools.product(*(grid[k] for k in keys)):
-                job = {**fixed, **dict(zip(keys, map(str, values))), "method": arm["method"], "privacy": privacy,
-                       **arm_fixed}
-                out.append(job)
+        overrides = _overrides(arm.get("overrides", []))
+        dims = {"privacy": _strs(arm.get("privacy", ["none"]))}
+        for key, values in (sweep.get("search") or {}).get(arm["method"], {}).items():
+            if search is not None and key in search:
+                chosen = overrides.pop(key, None)  # spelled as the arm does, so its finished runs are reused
+                dims[key] = [chosen if chosen is not None and _same(chosen, v) else str(v) for v in values]
+        signature = (tuple(overrides.items()), tuple((k, tuple(v)) for k, v in dims.items()))
+        merged.setdefault(signature, []).append(arm["method"])
+    out = []
+    for (overrides, dims), methods in merged.items():
+        block = Block({**fixed, **dict(overrides)}, {"method": methods, **grid, **{k: list(v) for k, v in dims}})
+        out.extend(_split_when(block, sweep.get("when") or {}))
     return out
 
 
-def commands(sweep: dict[str, Any], launcher: str = "basic", log_dir: str = "logs") -> list[list[str]]:
-    """One `dpft-train --multirun` per (arm, privacy), the grid as comma lists."""
+def _split_when(block: Block, when: dict[str, list[str]]) -> list[Block]:
+    """Split a block on the keys `when` conditions name, and add each condition's overrides where it holds."""
+    out = [block]
+    for key in dict.fromkeys(condition.split("=", 1)[0] for condition in when):
+        if key in block.dims and len(block.dims[key]) > 1:
+            out = [Block({**b.overrides, key: value}, {k: v for k, v in b.dims.items() if k != key})
+                   for b in out for value in b.dims[key]]
+    for b in out:
+        single = {**b.overrides, **{k: v[0] for k, v in b.dims.items() if len(v) == 1}}
+        for condition, extra in when.items():
+            key, value = condition.split("=", 1)
+            if single.get(key) == value:
+                b.overrides.update(_overrides(extra))
+    return out
+
+
+def jobs(sweep: dict[str, Any], search: list[str] | None = None) -> list[dict[str, str]]:
+    """Every job as {key: value} overrides (always with `method` and `privacy`)."""
+    return [job for block in blocks(sweep, search) for job in block.jobs()]
+
+
+def commands(sweep: dict[str, Any], launcher: str = "basic", log_dir: str = "logs", search: list[str] | None = None,
+             extra: list[str] | None = None) -> list[list[str]]:
+    """One `dpft-train --multirun` per block, swept keys as comma lists."""
     if launcher not in LAUNCHERS:
-        raise ValueError(f"LAUNCHER={launcher!r} is not one of {LAUNCHERS}")
+        raise ValueError(f"LAUNCHER={launcher!r} is not one of {list(LAUNCHERS)}")
     name = sweep["table"]
-    grid = {k: ",".join(map(str, v)) for k, v in sweep.get("grid", {}).items()}
-    out = []
-    for arm in sweep["arms"]:
-        for privacy in arm.get("privacy", ["none"]):
-            cmd = [sys.executable, "-m", "dpft.train", "--multirun", *sweep.get("fixed", []),
-                   f"method={arm['method']}", f"privacy={privacy}", *arm.get("overrides", []),
-                   *(f"{k}={v}" for k, v in grid.items()),
-                   f"hydra.sweep.dir={log_dir}/tables/{name}", "skip_existing=true", f"tags=[{name}]"]
-            if launcher != "basic":
-                cmd.append(f"hydra/launcher={'submitit_slurm' if launcher == 'slurm' else 'joblib'}")
-            out.append(cmd)
-    return out
+    launch = [f"hydra/launcher={LAUNCHERS[launcher]}"] if LAUNCHERS[launcher] else []
+    return [[sys.executable, "-m", "dpft.train", "--multirun",
+             *(f"{k}={v}" for k, v in block.overrides.items()),
+             *(f"{k}={','.join(v)}" for k, v in block.dims.items()),
+             f"hydra.sweep.dir={log_dir}/tables/{name}", "skip_existing=true", f"table={name}",
+             _dirname_excludes(sweep), *launch, *(extra or [])]
+            for block in blocks(sweep, search)]
+
+
+def _dirname_excludes(sweep: dict[str, Any]) -> str:
+    """Job folders are named by their overrides less the table's fixed ones (the same for every job, and
+    long enough to pass the 255-character limit of a file name)."""
+    base = OmegaConf.load(CONFIG_DIR / "hydra" / "default.yaml").job.config.override_dirname.exclude_keys
+    keys = [*base, *sorted(_overrides(sweep.get("fixed", [])))]
+    return "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in keys) + "]"
+
+
+def restrict(sweep: dict[str, Any], item: str, search: list[str] | None) -> list[str] | None:
+    """Apply `--set KEY=V1,V2` to the sweep (a grid key's values, a subset of methods or privacy options,
+    or a searched key's values); returns the searched keys to expand."""
+    key, _, values = item.partition("=")
+    values = values.split(",")
+    if key in (sweep.get("grid") or {}):
+        sweep["grid"][key] = values
+    elif key == "method":
+        if unknown := set(values) - {a["method"] for a in sweep["arms"]}:
+            raise ValueError(f"--set method: {sorted(unknown)} not among the arms' methods")
+        sweep["arms"] = [a for a in sweep["arms"] if a["method"] in values]
+    elif key == "privacy":
+        arms = [{**a, "privacy": [p for p in a.get("privacy", ["none"]) if p in values]} for a in sweep["arms"]]
+        sweep["arms"] = [a for a in arms if a["privacy"]]
+        if not sweep["arms"]:
+            raise ValueError(f"--set privacy={','.join(values)}: no arm runs under these options")
+    elif key in search_keys(sweep):
+        for dims in sweep["search"].values():
+            if key in dims:
+                dims[key] = values
+        return [*(search or []), key]
+    else:
+        raise ValueError(f"--set {key}: not a key of table {sweep['table']}; use one of "
+                         f"{[*(sweep.get('grid') or {}), 'method', 'privacy', *search_keys(sweep)]}")
+    return search
+
+
+def wandb_settings(sweep: dict[str, Any], extra: list[str] | None = None) -> dict[str, Any] | None:
+    """Where the sweep's jobs log to W&B (project, entity, offline), read from their composed config;
+    None when they log elsewhere (logger=csv or none)."""
+    from hydra import compose, initialize_config_dir
+
+    job = jobs(sweep)[0]
+    overrides = [f"{k}={v}" for k, v in job.items()] + [o for o in extra or [] if not o.startswith("hydra")]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    logger = cfg.get("logger") or {}
+    if not str(logger.get("_target_", "")).endswith("WandbLogger"):
+        return None
+    return {"project": logger.project, "entity": logger.entity, "offline": bool(logger.offline)}
+
+
+def run_commands(cmds: list[list[str]], parallel: bool) -> int:
+    """Run the multiruns (all at once for Slurm: each submits its jobs and waits); the number that failed."""
+    for cmd in cmds:
+        print(" ".join(cmd[1:]), flush=True)
+    if parallel:
+        processes = [subprocess.Popen(cmd) for cmd in cmds]
+        return sum(p.wait() != 0 for p in processes)
+    return sum(subprocess.run(cmd).returncode != 0 for cmd in cmds)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table")
-    parser.add_argument("--launcher", default=os.environ.get("LAUNCHER") or "basic", choices=LAUNCHERS)
+    parser.add_argument("table", help=f"a sweep name in {SWEEPS_DIR} or the path of a sweep file")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. hydra.launcher.n_jobs=4")
+    parser.add_argument("--launcher", default=os.environ.get("LAUNCHER") or "basic", choices=list(LAUNCHERS))
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and the commands, run nothing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
-                        help="replace a grid dimension, e.g. --set task.data_seed=42 for one data seed")
-    args = parser.parse_args(argv)
+                        help="replace a grid key's values (--set task.data_seed=42), run some methods or privacy "
+                             "options only (--set method=dpzero), or search a key over given values")
+    parser.add_argument("--search", nargs="*", default=None, metavar="KEY",
+                        help="run the papers' search grids (all, or the keys named) instead of the chosen values")
+    args = parser.parse_intermixed_args(argv)
     sweep = load_sweep(args.table)
+    search = args.search
     for item in args.set:
-        key, values = _split(item)
-        if key not in sweep.get("grid", {}):
-            raise ValueError(f"--set {key}: not a grid dimension of {args.table} ({sorted(sweep.get('grid', {}))})")
-        sweep["grid"][key] = values.split(",")
+        search = restrict(sweep, item, search)
+    if search == []:
+        search = search_keys(sweep)
     log_dir = os.environ.get("DPFT_LOG_DIR", "logs")
-    print(f"table {sweep['table']}: {len(jobs(sweep))} jobs")
-    failures = 0
-    for cmd in commands(sweep, args.launcher, log_dir):
-        print(" ".join(cmd[1:]), flush=True)
-        if not args.dry_run:
-            failures += subprocess.run(cmd).returncode != 0
-    if not args.dry_run:
-        from dpft.report.collect import report
+    cmds = commands(sweep, args.launcher, log_dir, search, args.overrides)
+    print(f"table {sweep['table']}: {len(jobs(sweep, search))} jobs in {len(cmds)} multiruns")
+    if args.dry_run:
+        for cmd in cmds:
+            print(" ".join(cmd[1:]))
+        return
+    failures = run_commands(cmds, parallel=args.launcher.startswith("slurm"))
+    from dpft.report.collect import report
 
-        report(Path(log_dir) / "tables" / sweep["table"], table=sweep["table"])
-        print(f"report: {log_dir}/tables/{sweep['table']}/table.md" + (f" ({failures} commands failed)" if failures
-                                                                        else ""))
+    folder = Path(log_dir) / "tables" / sweep["table"]
+    result = report(folder, sweep=sweep, log_wandb=wandb_settings(sweep, args.overrides))
+    print(result.markdown())
+    print(f"report: {folder}/table.md" + (f" ({failures} of {len(cmds)} multiruns failed)" if failures else ""))
+    if failures:  # the report is written; the exit status says the table is incomplete (run again to resume)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
