@@ -264,7 +264,7 @@ def test_summary_round_trip_and_the_wandb_reader(tmp_path):
     assert [r["source"] for r in loaded] == ["me/dpft/a", "me/dpft/b", "me/dpft/c"]
     out = build(loaded)
     assert [(c.method, c.epsilon, c.values) for c in out.cells] == [("dpzo", 2.0, [50.0]), ("mezo", math.inf, [50.0])]
-    assert out.failed == [{"path": "me/dpft/c", "error": "no results in the run summary (W&B state crashed)"}]
+    assert out.failed == [{"path": "me/dpft/c", "error": "crashed: no results in the run summary (W&B state crashed)"}]
     assert loaded[0]["config"] == {"method": {"clip": 0.05}}
 
 

@@ -258,5 +258,6 @@ def test_a_sweep_with_a_failing_cell_completes_and_reports_it(tmp_path):
     assert "lower method.lr" in diverged["error"]["message"]
     assert cells[1e-4]["status"] == "completed"
     result = report(sweep)
-    assert len(result["rows"]) == 1 and len(result["failed"]) == 1
-    assert math.isfinite(result["rows"][0]["mean"])
+    assert len(result.cells) == 1 and math.isfinite(result.cells[0].mean)
+    assert len(result.failed) == 1 and "failed (sst2 / opt-tiny / ft / ε=∞): NonFiniteLossError" in \
+        result.failed[0]["error"]

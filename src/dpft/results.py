@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:  # torch and the methods load only where results are built: reports read them without
+    import torch
+
     from dpft.methods.base import MethodModule
 
 SCHEMA_VERSION = 1
@@ -34,6 +36,8 @@ def peak_memory_bytes() -> int:
 
 def parameters_digest(model: torch.nn.Module) -> str:
     """sha256 of the trainable parameters (names and bytes): equal digests, equal trained models."""
+    import torch
+
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         if p.requires_grad:

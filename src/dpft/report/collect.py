@@ -279,6 +279,17 @@ class Report:
         self.figure().savefig(out / "privacy_utility.png", dpi=120)
 
 
+def _error_line(results: dict[str, Any]) -> str:
+    """`status (task / model / method / ε): Type: message` for a run that did not complete."""
+    error = results.get("error")
+    if isinstance(error, dict):  # train.py's record of a failed run
+        error = f"{error.get('type')}: {str(error.get('message', '')).splitlines()[0] if error.get('message') else ''}"
+    where = " / ".join(str(results.get(k)) for k in ("task", "model", "method") if results.get(k) is not None)
+    eps = (results.get("privacy") or {}).get("target_epsilon")
+    cell = f" ({where}{f' / ε={_eps(float(eps))}' if eps is not None else ''})" if where else ""
+    return f"{results.get('status')}{cell}: {error or 'no error recorded'}"
+
+
 def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> Report:
     """Cells from completed runs (failed ones listed); with a sweep: references, comparisons, missing cells,
     and per cell the searched configuration with the best mean validation metric."""
@@ -287,7 +298,7 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
     failed = []
     for r in results:
         if r.get("status") != "completed":
-            failed.append({"path": r.get("source"), "error": r.get("error", r.get("status"))})
+            failed.append({"path": r.get("source"), "error": _error_line(r)})
         elif main_metric(r) is None:
             failed.append({"path": r.get("source"), "error": "no test metric"})
         else:
