@@ -60,6 +60,16 @@ def test_poisson_sampled_trials_run_with_their_claim(method):
     assert record["verdict"] == "consistent"
 
 
+def test_the_canary_moves_the_zo_score_by_one_over_sigma_noise_deviations():
+    """At q = 1 one DP-ZO step is a Gaussian mechanism with sensitivity/noise 1/σ: the score's shift
+    between the worlds, in noise standard deviations, estimates it — end to end, the noise the module
+    adds to the projected gradient (clip bound C/2φ, division by B) is the calibrated one."""
+    record = run_audit(compose_audit_config(["method=dpzo", "privacy=eps8", "audit.trials=300", *FAST]))
+    expected = 1 / record["privacy"]["noise_multiplier"]  # 1.67 at ε = 8, δ = 1e-5
+    assert record["scores"]["separation"] == pytest.approx(expected, abs=0.45)  # standard error ≈ 0.13
+    assert 0 < record["epsilon_lower_bound"] <= record["claimed_epsilon"]
+
+
 @pytest.mark.parametrize("override,match", [
     ("broken=zero_noise", r"broken=zero_noise is invalid: must be one of \('none', 'no_noise', 'no_clip'\)"),
     ("audit.trials=5", "audit.trials=5 is invalid"),

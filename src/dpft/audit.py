@@ -34,8 +34,10 @@ import argparse
 import copy
 import itertools
 import logging
+import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -164,7 +166,7 @@ class ZerothOrderRelease(Release):
         est = self.estimator
         clipped = [PrivateEstimator.clipped_sum(est, plus, minus, eps) for plus, minus in pairs]
         variance = (est.noise_multiplier * est.bound(eps)) ** 2
-        return [torch.stack(clipped).double() / variance]
+        return [torch.stack(clipped).double().cpu() / variance]  # the released scalars live on the CPU
 
     def break_mechanism(self, broken: str) -> None:
         est = self.estimator
@@ -268,6 +270,7 @@ class GameCallback(L.Callback):
         self.scores: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, module: MethodModule) -> None:
+        self.canary_batch = trainer.datamodule.transfer_batch_to_device(self.canary_batch, module.device, 0)
         self.release = Release.of(module, trainer.optimizers[0])
         self.start = self.release.snapshot()
         self.release.break_mechanism(self.broken)
@@ -311,6 +314,7 @@ def validate_audit(cfg: DictConfig) -> None:
               ("audit.base_size", a.base_size, count(1), "an integer >= 1"),
               ("audit.candidates", a.candidates, count(1), "an integer >= 1"),
               ("audit.clip_ratio", a.clip_ratio, lambda v: v is None or v > 0, "null or > 0"),
+              ("audit.threads", a.threads, lambda v: v is None or count(1)(v), "null or an integer >= 1"),
               ("trainer.max_steps", cfg.trainer.max_steps, count(1), "an integer >= 1 (steps per trial)")]
     for key, value, ok, valid in checks:
         if not ok(value):
@@ -346,10 +350,27 @@ def _canary(release: Release, scorer: Scorer, candidates: list[Example]) -> tupl
     return candidates[best], float(contributions[best])
 
 
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads for the audit (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_audit(cfg: DictConfig) -> dict[str, Any]:
     """Audit one configuration; returns the record written to audit.json."""
     cfg = copy.deepcopy(cfg)
     validate_audit(cfg)
+    with torch_threads(cfg.audit.threads):
+        return _play(cfg)
+
+
+def _play(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task_from_config(cfg.task)
@@ -417,13 +438,26 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         "canary": {"uid": canary.uid, "fields": canary.fields, "label": canary.label,
                    "contribution_over_clip": contribution, "candidates": len(candidates), "base_size": base_size},
         "test": outcome.as_dict(),
-        "scores": {"mean_with_canary": float(scores[canary_in].mean()), "std_with_canary": float(scores[canary_in].std()),
-                   "mean_without_canary": float(scores[~canary_in].mean()),
-                   "std_without_canary": float(scores[~canary_in].std())},
+        "scores": _score_summary(scores, canary_in),
         "seconds": {"total": time.perf_counter() - started, "canary_search": search_seconds, "game": game_seconds,
                     "per_trial": game_seconds / trials},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _score_summary(scores: np.ndarray, canary_in: np.ndarray) -> dict[str, float]:
+    """Per-world mean and std, and their separation (mean shift / pooled std): a diagnostic, not a bound
+    (for one Gaussian step at q = 1 it estimates sensitivity/noise = 1/σ)."""
+    with_canary, without = scores[canary_in], scores[~canary_in]
+    pooled = math.sqrt((with_canary.var() + without.var()) / 2)
+    shift = float(with_canary.mean() - without.mean())
+    if pooled > 0:
+        separation = shift / pooled
+    else:  # no noise at all: any shift separates the worlds perfectly
+        separation = math.copysign(math.inf, shift) if shift else 0.0
+    return {"mean_with_canary": float(with_canary.mean()), "std_with_canary": float(with_canary.std()),
+            "mean_without_canary": float(without.mean()), "std_without_canary": float(without.std()),
+            "separation": separation}
 
 
 # --- the command ------------------------------------------------------------------------------------
