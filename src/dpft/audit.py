@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -102,7 +103,15 @@ class Release:
 
     def score(self, weights: list[torch.Tensor]) -> float:
         """<release, weights>: the step's release projected on the canary's weighted contribution."""
-        return float(sum((r.double() * w.double()).sum() for r, w in zip(self.released(), weights)))
+        return float(sum((r.double() * w.to(r.device)).sum() for r, w in zip(self.released(), weights)))
+
+    def canary_weights(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], float]:
+        """The canary's clipped contribution over the noise variance, per released tensor (the
+        likelihood-ratio direction for Gaussian noise), and the contribution's size in units of the noise
+        scale (at most 1/σ_step: all one example may move one step)."""
+        contribution, std = self.canary_contribution(batch)
+        scaled = [c.double() / s for c, s in zip(contribution, std)]
+        return [x / s for x, s in zip(scaled, std)], math.sqrt(sum(float(x.pow(2).sum()) for x in scaled))
 
     def released(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -111,8 +120,9 @@ class Release:
         """Each example's unclipped contribution over the clip bound, [B]."""
         raise NotImplementedError
 
-    def canary_weights(self, batch: dict[str, Any]) -> list[torch.Tensor]:
-        """The canary's clipped contribution (as the unbroken mechanism clips it) / noise variance."""
+    def canary_contribution(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[float]]:
+        """The canary's clipped contribution to each released tensor, as the unbroken mechanism clips
+        it, and the scale of the noise each one gets."""
         raise NotImplementedError
 
     def break_mechanism(self, broken: str) -> None:
@@ -161,12 +171,11 @@ class ZerothOrderRelease(Release):
         r = torch.stack([self.estimator.scalars(plus, minus, eps) for plus, minus in pairs])
         return r.norm(dim=0) / self.estimator.bound(eps)
 
-    def canary_weights(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+    def canary_contribution(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[float]]:
         pairs, eps = self._losses_along_z(batch)
         est = self.estimator
         clipped = [PrivateEstimator.clipped_sum(est, plus, minus, eps) for plus, minus in pairs]
-        variance = (est.noise_multiplier * est.bound(eps)) ** 2
-        return [torch.stack(clipped).double().cpu() / variance]  # the released scalars live on the CPU
+        return [torch.stack(clipped)], [est.noise_multiplier * est.bound(eps)]
 
     def break_mechanism(self, broken: str) -> None:
         est = self.estimator
@@ -206,14 +215,14 @@ class GradientRelease(Release):
         norms = torch.stack(list(self.module.per_example.norms_by_layer().values())).sum(0).sqrt()
         return norms / self.module.clip
 
-    def canary_weights(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+    def canary_contribution(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[float]]:
         dp = self.dp
         self._capture(batch)
         type(dp).clip_and_accumulate(dp)  # the class's clipping, not a broken=no_clip patch
-        weights = [p.summed_grad.double() / dp.noise_std(p) ** 2 for p in dp.params]
+        contribution = [p.summed_grad for p in dp.params]
         for p in dp.params:
             del p.summed_grad
-        return weights
+        return contribution, [dp.noise_std(p) for p in dp.params]
 
     def break_mechanism(self, broken: str) -> None:
         dp = self.dp
@@ -281,10 +290,10 @@ class GameCallback(L.Callback):
             self.release.restore(self.start)
             self.score = 0.0
             if self.first_weights is None:  # every trial starts from the same θ
-                self.first_weights = self.release.canary_weights(self.canary_batch)
+                self.first_weights, self.noise_units = self.release.canary_weights(self.canary_batch)
             self.weights = self.first_weights
         else:  # θ_t follows from the released steps: the weights are post-processing
-            self.weights = self.release.canary_weights(self.canary_batch)
+            self.weights, _ = self.release.canary_weights(self.canary_batch)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: MethodModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -410,7 +419,9 @@ def _play(cfg: DictConfig) -> dict[str, Any]:
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=cfg.trainer.enable_progress_bar, callbacks=[callback])
     game_started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    with warnings.catch_warnings():  # the model is in eval mode on purpose (no dropout)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+        trainer.fit(module, datamodule=data)
     game_seconds = time.perf_counter() - game_started
     if len(callback.scores) != trials:
         raise RuntimeError(f"the game ran {len(callback.scores)} of {trials} trials")
@@ -436,7 +447,9 @@ def _play(cfg: DictConfig) -> dict[str, Any]:
         "steps_per_trial": steps,
         "privacy": module.ledger.report(),
         "canary": {"uid": canary.uid, "fields": canary.fields, "label": canary.label,
-                   "contribution_over_clip": contribution, "candidates": len(candidates), "base_size": base_size},
+                   "contribution_over_clip": contribution, "noise_units": callback.noise_units,
+                   "max_noise_units": 1 / spec.step_noise_multiplier, "candidates": len(candidates),
+                   "base_size": base_size},
         "test": outcome.as_dict(),
         "scores": _score_summary(scores, canary_in),
         "seconds": {"total": time.perf_counter() - started, "canary_search": search_seconds, "game": game_seconds,
