@@ -29,6 +29,8 @@ def test_audit_passes_the_mechanism_and_flags_broken_ones(tmp_path, capsys, meth
     assert record["claimed_epsilon"] == record["privacy"]["epsilon_spent"] == pytest.approx(0.5, rel=0.01)
     assert record["delta"] == 1e-5 and record["privacy"]["sample_rate"] == 1.0
     assert record["canary"]["contribution_over_clip"] == pytest.approx(100, rel=1e-3)
+    # the clipped canary uses the whole sensitivity: it moves a step's release by 1/σ noise scales
+    assert record["canary"]["noise_units"] == pytest.approx(record["canary"]["max_noise_units"], rel=1e-3)
     if broken == "none":
         assert record["verdict"] == "consistent"
         assert record["epsilon_lower_bound"] <= record["claimed_epsilon"]

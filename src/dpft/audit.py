@@ -509,6 +509,11 @@ def run_audits(overrides: list[str], out: Path | None = None) -> list[dict[str, 
         if record["claimed_epsilon"] >= record["epsilon_ceiling"]:
             log.warning("%s: %d trials can show at most ε_lb = %.2f, not above the claim %.2f: raise audit.trials",
                         record["method"], record["trials"], record["epsilon_ceiling"], record["claimed_epsilon"])
+        canary = record["canary"]
+        if canary["noise_units"] < canary["max_noise_units"] / 2:
+            log.warning("%s: the canary moves the release by %.3g noise scales of the %.3g the claim allows: the "
+                        "audit is weak (set audit.clip_ratio, e.g. 100, or lower method.clip)", record["method"], canary["noise_units"],
+                        canary["max_noise_units"])
     return records
 
 
