@@ -40,6 +40,17 @@ def test_audit_passes_the_mechanism_and_flags_broken_ones(tmp_path, capsys, meth
         assert record["epsilon_lower_bound"] > 4 * record["claimed_epsilon"]
 
 
+def test_a_sweep_writes_one_json_per_audit_and_one_table(tmp_path, capsys):
+    main(["method=dpsgd", "broken=none,no_noise", "audit.trials=20", *FAST, "--out", str(tmp_path / "audits")])
+    written = sorted(p.name for p in (tmp_path / "audits").iterdir())
+    assert written == ["no_noise.json", "none.json"]
+    assert json.loads((tmp_path / "audits" / "no_noise.json").read_text())["broken"] == "no_noise"
+    table = capsys.readouterr().out
+    assert "| dpsgd | none |" in table and "| dpsgd | no_noise |" in table and table.count("| method |") == 1
+    with pytest.raises(SystemExit):  # several audits cannot share one file
+        main(["method=dpzo,dpsgd", "--out", str(tmp_path / "audit.json")])
+
+
 @pytest.mark.parametrize("method", ["dpzo", "dpsgd"])
 def test_restore_between_multi_step_trials_is_complete(method):
     """Without noise a q = 1 release is a function of the world only: every trial of a world scores the

@@ -495,11 +495,9 @@ def format_audit_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_audits(overrides: list[str], out: Path | None = None) -> list[dict[str, Any]]:
-    """Audit every configuration the overrides give; write the records under `out` when given."""
-    jobs = expand_sweeps(overrides)
-    if len(jobs) > 1 and out is not None and out.suffix == ".json":
-        raise ValueError(f"--out {out}: the overrides give {len(jobs)} audits; give a folder")
+def run_audits(jobs: list[list[str]], overrides: list[str], out: Path | None = None) -> list[dict[str, Any]]:
+    """Audit each job (the expanded `overrides`); write the records to `out` (a .json file for a single
+    job, else a folder) when given."""
     records = []
     for job in jobs:
         record = {**run_audit(compose_audit_config(job)), "overrides": job}
@@ -533,7 +531,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a .json file (one audit), or a folder that gets one <name>.json per audit")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(format_audit_table(run_audits(args.overrides, args.out)))
+    jobs = expand_sweeps(args.overrides)
+    if len(jobs) > 1 and args.out is not None and args.out.suffix == ".json":
+        parser.error(f"--out {args.out}: the overrides give {len(jobs)} audits; give a folder")
+    print(format_audit_table(run_audits(jobs, args.overrides, args.out)))
 
 
 if __name__ == "__main__":
