@@ -16,7 +16,7 @@ export WANDB_SILENT ?= true
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean bench bench-quick
+.PHONY: help install demo test test-full lint format clean bench bench-quick audit
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, bat
 bench-quick: $(VENV)/.bench-installed ## the OPT-125m / RoBERTa-base, batch 16, length 128 point only (minutes)
 	$(BIN)/dpft-bench --quick --out bench.json
 
+audit: install ## privacy audit of DP-ZO, DPZero, DP-SGD, ANADP (opt-tiny) and of broken mechanisms -> audits/*.json
+	$(BIN)/dpft-audit method=dpzo,dpzero,dpsgd,anadp --out audits
+	$(BIN)/dpft-audit method=dpzo,dpsgd broken=no_noise,no_clip audit.trials=400 --out audits
+
 table-%: install ## run sweeps/<name>.yaml (LAUNCHER=joblib N_JOBS=4 | slurm; OVERRIDES=...), skip finished cells, report
 	$(BIN)/dpft-sweep $* $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(N_JOBS),hydra.launcher.n_jobs=$(N_JOBS)) $(OVERRIDES)
 
@@ -64,5 +68,5 @@ format: install ## ruff format + autofix
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
 
-clean: ## remove run outputs (logs/, outputs/, multirun/)
-	rm -rf logs outputs multirun
+clean: ## remove run outputs (logs/, outputs/, multirun/, audits/)
+	rm -rf logs outputs multirun audits
