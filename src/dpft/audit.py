@@ -64,7 +64,8 @@ from dpft.models.scoring import Scorer, build_scorer, check_compatible
 from dpft.privacy.audit import audit_scores
 from dpft.privacy.noise import NoiseSource
 from dpft.results import write_results
-from dpft.train import build_method, build_task_from_config, calibrate, check_privacy_pair, validate_method
+from dpft.train import build_method, build_task_from_config, calibrate
+from dpft.validation import validate_config
 
 log = logging.getLogger("dpft")
 
@@ -328,8 +329,7 @@ def validate_audit(cfg: DictConfig) -> None:
     for key, value, ok, valid in checks:
         if not ok(value):
             raise ValueError(f"{key}={value} is invalid: must be {valid}")
-    validate_method(cfg)
-    if not check_privacy_pair(cfg):
+    if not validate_config(cfg):
         raise ValueError(f"method={cfg.method.name} is not private: nothing to audit (choose a private method, "
                          "e.g. dpzo, dpzero, dpsgd, anadp)")
 
