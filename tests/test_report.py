@@ -33,7 +33,7 @@ PARSER = OverridesParser.create()
 
 
 # --- sweep files ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,count", [("cpu", 30), ("dpzero_roberta", 180), ("dpzero_opt", 144), ("dpzo_opt", 378),
+@pytest.mark.parametrize("name,count", [("cpu", 33), ("dpzero_roberta", 180), ("dpzero_opt", 144), ("dpzo_opt", 378),
                                         ("dpzoso_roberta", 135), ("anadp_roberta", 72)])
 def test_every_sweep_composes_into_its_jobs(name, count):
     sweep = load_sweep(name)
