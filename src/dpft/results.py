@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # torch and the methods load only where results are built: re
     from dpft.methods.base import MethodModule
 
 SCHEMA_VERSION = 1
+# results blocks flattened into the summary as `<block>/<key>` (communication: federated methods only)
+SUMMARY_BLOCKS = ("privacy", "cost", "communication")
 
 
 def peak_memory_bytes() -> int:
@@ -86,6 +88,7 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "privacy": privacy,
         "cost": cost,
         "hyperparameters": module.hyperparameters(),
+        **module.extra_results(),
         "data_sizes": data_sizes,
         "trainable_parameters_sha256": parameters_digest(module.model),
         "git_commit": _git_commit(),
@@ -127,8 +130,8 @@ def flat_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The flat figures for dashboards: `test/acc`, `privacy/epsilon_spent`, `cost/seconds_per_step`..."""
     out: dict[str, Any] = {k: results[k] for k in ("method", "model", "task", "seed", "data_seed", "status")}
     out.update(results["metrics"])
-    for block in ("privacy", "cost"):
-        out.update({f"{block}/{k}": v for k, v in results[block].items()})
+    for block in SUMMARY_BLOCKS:
+        out.update({f"{block}/{k}": v for k, v in results.get(block, {}).items()})
     return out
 
 
@@ -139,8 +142,10 @@ def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None 
     if "error" in summary:
         out["error"] = summary["error"]
     out["metrics"] = {k: v for k, v in summary.items() if k.startswith(("val/", "test/"))}
-    for block in ("privacy", "cost"):
-        out[block] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
+    for block in SUMMARY_BLOCKS:
+        values = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
+        if values or block != "communication":
+            out[block] = values
     if config is not None:
         out["config"] = config
     return out

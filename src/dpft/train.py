@@ -32,6 +32,7 @@ from dpft.checkpointing import (
 )
 from dpft.config import CONFIG_DIR
 from dpft.data.datamodule import TaskDataModule
+from dpft.data.federated import FederatedDataModule
 from dpft.data.tasks import build_task
 from dpft.distributed import DeviceMapStrategy
 from dpft.methods.base import MethodModule
@@ -45,7 +46,8 @@ from dpft.validation import validate_config
 log = logging.getLogger("dpft")
 
 # method-config keys that configure the run, not the LightningModule's constructor
-RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private", "trainable", "mechanism")
+RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private", "trainable", "mechanism",
+            "federated")
 # task-config keys read here; the others (num_train, ...) are options of the task's protocol
 TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
 
@@ -65,17 +67,25 @@ def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) 
 
 
 def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
-    """The run's privacy statement: noise calibrated for (ε, δ, q = batch_size / n, T = max_steps)."""
+    """The run's privacy statement: noise calibrated for (ε, δ, q = batch_size / n, T = max_steps).
+
+    Federated methods: the unit is a client (n = fed.clients, batch_size = clients per round), and T adds
+    DR-Encoder's `method.prior_rounds` (stage 1) to the rounds."""
+    federated = bool(cfg.method.get("federated"))
     spec = make_spec(
         mechanism=cfg.privacy.mechanism, accountant=cfg.privacy.accountant,
         target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
-        dataset_size=dataset_size, expected_batch_size=cfg.method.batch_size, steps=int(cfg.trainer.max_steps),
+        dataset_size=dataset_size, expected_batch_size=cfg.method.batch_size,
+        steps=int(cfg.trainer.max_steps) + int(cfg.method.get("prior_rounds", 0)),
         clip=cfg.method.clip, directions=int(cfg.method.get("directions", 1)),
         secure_mode=bool(cfg.privacy.get("secure_mode", False)),
+        adjacency="add/remove one client" if federated else "add/remove one example",
+        sampling="Poisson over clients" if federated else "Poisson",
     )
+    unit = "client" if federated else "example"
     if spec.mechanism == "gaussian" and spec.target_delta >= 1 / dataset_size:
         log.warning("privacy.target_delta=%g is not below 1/n = %g: (ε, δ)-DP then allows leaking a whole "
-                    "example; use δ < 1/n", spec.target_delta, 1 / dataset_size)
+                    "%s; use δ < 1/n", spec.target_delta, 1 / dataset_size, unit)
     log.info("privacy: %s", spec)
     return spec
 
@@ -138,12 +148,17 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     needed = ("train", "val", "test") if trains else ("val", "test")
     if not cfg.get("validate", True):
         needed = tuple(s for s in needed if s != "val")
-    datamodule = TaskDataModule(task, scorer, batch_size=cfg.method.batch_size,
-                                eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed, needed=needed,
-                                poisson=private)
+    common = dict(batch_size=cfg.method.batch_size, eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed,
+                  needed=needed, poisson=private)
+    if cfg.method.get("federated"):
+        datamodule = FederatedDataModule(task, scorer, **common, clients=cfg.fed.clients, partition=cfg.fed.partition,
+                                         alpha=cfg.fed.alpha, partition_seed=cfg.fed.partition_seed)
+    else:
+        datamodule = TaskDataModule(task, scorer, **common)
     datamodule.setup()
     # calibrate before loading the model: an impossible budget fails in seconds
-    spec = calibrate(cfg, len(datamodule.data["train"])) if private else None
+    units = cfg.fed.clients if cfg.method.get("federated") else len(datamodule.data.get("train", ()))
+    spec = calibrate(cfg, units) if private else None
     ckpt = find_checkpoint(cfg, output_dir) if trains else None
     saved = read_checkpoint(ckpt) if ckpt else {}
     if ckpt:
@@ -155,7 +170,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
     model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
-    module = build_method(cfg, model, scorer, **({"privacy": spec} if spec else {}))
+    extra = {"privacy": spec} if spec else {}
+    if cfg.method.get("federated"):
+        extra["fed"] = OmegaConf.to_container(cfg.fed, resolve=True)
+    module = build_method(cfg, model, scorer, **extra)
 
     logger = build_logger(cfg, run_id=saved.get("dpft", {}).get("wandb_run_id"))
     resumable = ResumableRun(output_dir, cfg, cfg.checkpoint.get("every_n_steps"), resumed_from=ckpt,

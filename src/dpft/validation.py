@@ -15,13 +15,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dpft.data.federated import PARTITIONS
 from dpft.methods.dp_first_order import OPTIMIZERS
+from dpft.methods.federated import AGGREGATIONS
 from dpft.methods.zeroth_order import CLIP_TARGETS
 from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES
 from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
 
-PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp"
+PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
 # trainer precisions under which a ZO step can run (a GradScaler needs gradients: no 16-mixed)
 ZO_PRECISIONS = ("32-true", "32", "bf16-true", "16-true", "64-true", "64")
 
@@ -79,6 +81,8 @@ def validate_config(cfg: DictConfig) -> bool:
         checks.append(("checkpoint.every_n_steps", every, lambda v: _int(v) and v >= 1,
                        "null (only on SIGTERM) or an integer >= 1"))
     checks.append(("resume", cfg.get("resume", "auto"), lambda v: v in ("auto", "never"), "auto or never"))
+    if m.get("federated"):
+        checks += federated_checks(cfg)
     _check(checks)
     choices = [("method.optimizer", m.get("optimizer"), sorted(OPTIMIZERS)),
                ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
@@ -97,6 +101,41 @@ def validate_config(cfg: DictConfig) -> bool:
     if private:
         validate_privacy(cfg.privacy)
     return private
+
+
+def federated_checks(cfg: DictConfig) -> list[Check]:
+    """The `fed` block and the federated method's own keys; the run is one process (clients are simulated)."""
+    f, m = cfg.fed, cfg.method
+    checks: list[Check] = [
+        ("fed.clients", f.clients, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("method.batch_size (clients per round, fed.clients_per_round)", m.batch_size,
+         lambda v: _int(v) and 1 <= v <= f.clients, f"an integer in [1, fed.clients={f.clients}]"),
+        ("fed.rounds", f.rounds, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("fed.local_steps", f.local_steps, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("fed.local_batch_size", f.local_batch_size, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        ("fed.partition", f.partition, lambda v: v in PARTITIONS, f"one of {PARTITIONS}"),
+        ("fed.alpha", f.alpha, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
+        ("method.server_lr", m.get("server_lr", 1.0), lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
+        ("method.aggregation", m.get("aggregation"), lambda v: v in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+        ("trainer.devices", cfg.trainer.get("devices", 1), lambda v: v in (1, "1"),
+         "1 for federated methods (the clients are simulated in one process)"),
+    ]
+    if cfg.model.get("device_map") is not None:
+        raise ConfigError(f"model.device_map={cfg.model.device_map} is invalid: must be null for federated methods")
+    if m.get("aggregation") == "encoded":
+        e = m.encoder
+        checks += [
+            ("method.prior_rounds", m.prior_rounds, lambda v: _int(v) and v >= 1, "an integer >= 1 (stage 1)"),
+            ("method.encoder.chunk", e.chunk, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+            ("method.encoder.compression", e.compression, lambda v: _int(v) and 1 <= v <= e.chunk,
+             f"an integer in [1, method.encoder.chunk={e.chunk}]"),
+            ("method.encoder.hidden", e.hidden, lambda v: _int(v) and v >= 0, "an integer >= 0 (0: linear decoder)"),
+            ("method.encoder.steps", e.steps, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+            ("method.encoder.lr", e.lr, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
+            ("method.encoder.rows", e.rows, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+            ("method.encoder.var_floor", e.var_floor, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
+        ]
+    return checks
 
 
 def validate_privacy(p: DictConfig) -> None:

@@ -149,6 +149,10 @@ class MethodModule(L.LightningModule):
     def hyperparameters(self) -> dict[str, Any]:
         return {"lr": self.lr, "weight_decay": self.weight_decay}
 
+    def extra_results(self) -> dict[str, Any]:
+        """Blocks of results.json that only some methods have (e.g. federated `communication`)."""
+        return {}
+
 
 class ZeroShot(MethodModule):
     """Evaluation of the pretrained model with the task's prompt; no training."""

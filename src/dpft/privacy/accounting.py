@@ -178,7 +178,8 @@ class PrivacySpec:
 
 def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_delta: float, dataset_size: int,
               expected_batch_size: float, steps: int, clip: float, directions: int = 1,
-              secure_mode: bool = False) -> PrivacySpec:
+              secure_mode: bool = False, adjacency: str = "add/remove one example",
+              sampling: str = "Poisson") -> PrivacySpec:
     """Calibrate the noise for (ε, δ, q, T) and return the run's privacy statement."""
     if dataset_size < 1:
         raise PrivacyConfigError("a private run needs a non-empty training set")
@@ -198,4 +199,5 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
                        target_delta=float(target_delta), sample_rate=sample_rate,
                        expected_batch_size=float(expected_batch_size), dataset_size=dataset_size, steps=steps,
                        clip=float(clip), directions=directions, noise_multiplier=multiplier,
-                       step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode))
+                       step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode),
+                       adjacency=adjacency, sampling=sampling)

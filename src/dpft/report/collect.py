@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dpft.report.sweeps import job_method, load_sweep, privacy_epsilon, search_keys
 from dpft.report.sweeps import jobs as sweep_jobs
-from dpft.report.sweeps import load_sweep, privacy_epsilon, search_keys
 from dpft.results import results_from_summary
 
 MAIN_METRICS = ("test/f1", "test/acc")  # F1 for generation tasks, else accuracy
@@ -344,7 +344,7 @@ def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
         used += [source] if source not in used else []
     report.sources = used
     present = set(by_key)
-    expected = dict.fromkeys((j["task"], j["model"], j["method"], privacy_epsilon(j["privacy"]))
+    expected = dict.fromkeys((j["task"], j["model"], job_method(j), privacy_epsilon(j["privacy"]))
                              for j in sweep_jobs(sweep))
     report.missing = [key for key in expected if key not in present]
 

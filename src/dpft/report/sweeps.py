@@ -4,7 +4,9 @@ finished cells, then build its report.
 A sweep file holds:
   fixed:      overrides for every job
   grid:       key -> values (Cartesian product)
-  arms:       method + the privacy options it runs under + its own overrides (the papers' chosen values)
+  arms:       method + the privacy options it runs under + its own overrides (the papers' chosen values);
+              `name:` labels a variant of a method (it sets method.name, the report's method column), so
+              one method can run as several arms, e.g. DR-Encoder at several compression ratios
   when:       "key=value" -> overrides that go with that value of a grid key, method or privacy
               (e.g. a per-task δ = 1/n)
   search:     method -> {key: values}: the grid a paper searched; off by default (the arm's chosen value
@@ -73,7 +75,9 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
         for option in arm.get("privacy", ["none"]):
             if option not in privacy:
                 _fail(where, f"arms: privacy={option!r} (method {arm['method']}) is not one of {privacy}")
-    arm_methods = [arm["method"] for arm in sweep["arms"]]
+    arm_methods = [arm_name(arm) for arm in sweep["arms"]]
+    if len(set(arm_methods)) < len(arm_methods):
+        _fail(where, f"arms: {arm_methods} repeat a method; give the variants a `name:` each")
     grid = sweep.get("grid") or {}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -100,6 +104,15 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
             _fail(where, f"reference {ref}: missing {missing}")
         if not ref.get("source", sweep.get("reference_source")):
             _fail(where, f"reference {ref}: give its source (or a reference_source for the file)")
+
+
+def arm_name(arm: dict[str, Any]) -> str:
+    """The method's name in results and reports: the arm's `name`, else the method config's."""
+    return arm.get("name", arm["method"])
+
+
+def job_method(job: dict[str, str]) -> str:
+    return job.get("method.name", job["method"])
 
 
 def privacy_epsilon(option: str) -> float:
@@ -145,9 +158,9 @@ def blocks(sweep: dict[str, Any], search: list[str] | None = None) -> list[Block
     grid = {key: _strs(values) for key, values in (sweep.get("grid") or {}).items()}
     merged: dict[tuple, list[str]] = {}
     for arm in sweep["arms"]:
-        overrides = _overrides(arm.get("overrides", []))
+        overrides = _overrides(arm.get("overrides", [])) | ({"method.name": arm["name"]} if "name" in arm else {})
         dims = {"privacy": _strs(arm.get("privacy", ["none"]))}
-        for key, values in (sweep.get("search") or {}).get(arm["method"], {}).items():
+        for key, values in (sweep.get("search") or {}).get(arm_name(arm), {}).items():
             if search is not None and key in search:
                 chosen = overrides.pop(key, None)  # spelled as the arm does, so its finished runs are reused
                 dims[key] = [chosen if chosen is not None and _same(chosen, v) else str(v) for v in values]
@@ -212,9 +225,9 @@ def restrict(sweep: dict[str, Any], item: str, search: list[str] | None) -> list
     if key in (sweep.get("grid") or {}):
         sweep["grid"][key] = values
     elif key == "method":
-        if unknown := set(values) - {a["method"] for a in sweep["arms"]}:
+        if unknown := set(values) - {a["method"] for a in sweep["arms"]} - {arm_name(a) for a in sweep["arms"]}:
             raise ValueError(f"--set method: {sorted(unknown)} not among the arms' methods")
-        sweep["arms"] = [a for a in sweep["arms"] if a["method"] in values]
+        sweep["arms"] = [a for a in sweep["arms"] if a["method"] in values or arm_name(a) in values]
     elif key == "privacy":
         arms = [{**a, "privacy": [p for p in a.get("privacy", ["none"]) if p in values]} for a in sweep["arms"]]
         sweep["arms"] = [a for a in arms if a["privacy"]]
