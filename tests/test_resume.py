@@ -27,7 +27,9 @@ pytestmark = requires_data
 
 STEPS = 6
 RUNS = {"mezo": ["method=mezo"], "dpzo": ["method=dpzo", "privacy=eps2"],
-        "dpsgd": ["method=dpsgd", "privacy=eps2", "method.lr=1e-3"], "ft": ["method=ft"]}
+        "dpsgd": ["method=dpsgd", "privacy=eps2", "method.lr=1e-3"], "ft": ["method=ft"],
+        "dr_encoder": ["method=dr_encoder", "privacy=eps2", "fed.clients=12", "method.batch_size=4",
+                       "fed.local_steps=2", "method.encoder.steps=10"]}
 
 
 class SimulatedCrash(RuntimeError):
@@ -74,7 +76,7 @@ def _crash_then_resume(tmp_path, monkeypatch, overrides, crash_at=5, resume_over
     return run(_cfg(tmp_path, "interrupted", *overrides, *resume_overrides))
 
 
-@pytest.mark.parametrize("method", ["mezo", "dpzo", "dpsgd", "ft"])
+@pytest.mark.parametrize("method", ["mezo", "dpzo", "dpsgd", "ft", "dr_encoder"])
 def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, method):
     whole = run(_cfg(tmp_path, "whole", *RUNS[method]))
     # crash before step 5: checkpoints at steps 2 and 4, so step 5 is re-run from the step-4 checkpoint
@@ -83,7 +85,8 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, met
     assert resumed["trainable_parameters_sha256"] == whole["trainable_parameters_sha256"]
     assert resumed["metrics"] == whole["metrics"]
     assert resumed["privacy"] == whole["privacy"]  # the same ledger: ε neither reset nor counted twice
-    assert resumed["privacy"]["steps"] == STEPS
+    assert resumed["privacy"]["steps"] == STEPS + int(resumed["config"]["method"].get("prior_rounds", 0))
+    assert resumed.get("communication") == whole.get("communication")  # federated: the same rounds and bytes
     assert not (tmp_path / "interrupted" / "checkpoints").exists()  # removed once results.json is written
 
 

@@ -89,7 +89,8 @@ class FederatedDataModule(TaskDataModule):
             sampler = PoissonBatchSampler(self.num_clients, self.batch_size / self.num_clients, self.seed, **position)
         else:
             sampler = ShuffledBatchSampler(self.num_clients, self.batch_size, self.seed, **position)
-        return DataLoader(range(self.num_clients), batch_sampler=sampler, collate_fn=lambda ids: {"clients": ids})
+        return DataLoader(range(self.num_clients), batch_sampler=sampler, generator=self._generator(),
+                          collate_fn=lambda ids: {"clients": ids})
 
     def transfer_batch_to_device(self, batch: dict, device, dataloader_idx: int) -> dict:
         return batch if "clients" in batch else super().transfer_batch_to_device(batch, device, dataloader_idx)
