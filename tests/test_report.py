@@ -19,6 +19,7 @@ from dpft.report.sweeps import (
     SWEEPS_DIR,
     blocks,
     commands,
+    job_method,
     jobs,
     load_sweep,
     privacy_epsilon,
@@ -34,7 +35,8 @@ PARSER = OverridesParser.create()
 
 # --- sweep files ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,count", [("cpu", 33), ("dpzero_roberta", 180), ("dpzero_opt", 144), ("dpzo_opt", 378),
-                                        ("dpzoso_roberta", 135), ("anadp_roberta", 72)])
+                                        ("dpzoso_roberta", 135), ("anadp_roberta", 72), ("dr_encoder", 60),
+                                        ("dr_encoder_cpu", 7)])
 def test_every_sweep_composes_into_its_jobs(name, count):
     sweep = load_sweep(name)
     all_jobs = jobs(sweep)
@@ -54,20 +56,21 @@ def test_every_sweep_composes_into_its_jobs(name, count):
         if key not in composed:
             composed[key] = compose_config([f"{k}={v}" for k, v in job.items()], shrink=False)
         cfg = composed[key]
-        assert cfg.method.name == job["method"] and cfg.privacy.name == job["privacy"]
+        assert cfg.method.name == job_method(job) and cfg.privacy.name == job["privacy"]
         assert cfg.model.name == job.get("model", cfg.model.name) and cfg.task.name == job.get("task", cfg.task.name)
         for k, v in job.items():
             if k not in GROUPS and k not in ("seed", "task.data_seed"):
                 assert OmegaConf.select(cfg, k) == PARSER.parse_override(f"{k}={v}").value(), (name, k)
-        assert cfg.trainer.accelerator == ("cpu" if name == "cpu" else "gpu")
+        assert cfg.trainer.accelerator == ("cpu" if name.startswith("cpu") or name.endswith("_cpu") else "gpu")
 
 
 def test_sweep_files_load_and_their_references_name_expected_cells():
     names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
-    assert names == ["anadp_roberta", "cpu", "dpzero_opt", "dpzero_roberta", "dpzo_opt", "dpzoso_roberta"]
+    assert names == ["anadp_roberta", "cpu", "dpzero_opt", "dpzero_roberta", "dpzo_opt", "dpzoso_roberta", "dr_encoder",
+                     "dr_encoder_cpu"]
     for name in names:
         sweep = load_sweep(name)
-        expected = {(j["task"], j["model"], j["method"], privacy_epsilon(j["privacy"])) for j in jobs(sweep)}
+        expected = {(j["task"], j["model"], job_method(j), privacy_epsilon(j["privacy"])) for j in jobs(sweep)}
         for ref in sweep.get("reference", []):
             assert (ref["task"], ref["model"], ref["method"], float(ref["epsilon"])) in expected, (name, ref)
             assert ref.get("source", sweep.get("reference_source"))
@@ -114,6 +117,7 @@ def test_dpzoso_delta_is_one_over_each_tasks_training_set_size():
     ("arms: [{method: mezo}]\nreference: [{task: sst2, model: opt-tiny, method: mezo, epsilon: .inf, value: 1}]",
      "give its source"),
     ("arms: [{method: mezo}]\ngrid: {seed: [0]}\nwhen: {lr=1: [method.lr=1]}", "when: 'lr=1'"),
+    ("arms: [{method: mezo}, {method: mezo, overrides: [method.lr=1]}]", "repeat a method; give the variants a `name:`"),
 ])
 def test_bad_sweep_files_fail_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -122,6 +126,18 @@ def test_bad_sweep_files_fail_naming_the_key(tmp_path, text, message):
         load_sweep(path)
     with pytest.raises(ValueError, match="unknown table 'nope'.*dpzero_roberta"):
         load_sweep("nope")
+
+
+def test_named_arms_are_variants_of_one_method():
+    sweep = load_sweep("dr_encoder_cpu")
+    names = {job_method(j) for j in jobs(sweep)}
+    assert names == {"fedavg", "dp_fedavg", "dr_encoder_x4", "dr_encoder_x16"}
+    x16 = [j for j in jobs(sweep) if job_method(j) == "dr_encoder_x16"]
+    assert len(x16) == 2 and all(j["method"] == "dr_encoder" and j["method.encoder.compression"] == "16" for j in x16)
+    both, one = load_sweep("dr_encoder_cpu"), load_sweep("dr_encoder_cpu")
+    restrict(both, "method=dr_encoder", None)
+    restrict(one, "method=dr_encoder_x4", None)
+    assert len(jobs(both)) == 4 and {job_method(j) for j in jobs(one)} == {"dr_encoder_x4"}
 
 
 def test_set_and_search_change_the_grid():

@@ -79,7 +79,12 @@ class MethodModule(L.LightningModule):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._stop_clock()
+        self._stop_clock()  # the step's timing ends before the accounting below
+        ledger = getattr(self, "ledger", None)  # private methods: ε spent at ~50 points of the run and at its end
+        if ledger is not None:
+            done, every = ledger.steps, max(1, ledger.spec.steps // 50)
+            if done % every == 0 or done == ledger.spec.steps:
+                self.log("privacy/epsilon_spent", ledger.epsilon_spent(), prog_bar=True, batch_size=1)
 
     def _stop_clock(self) -> None:
         if self._t0 is not None:

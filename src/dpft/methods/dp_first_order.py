@@ -220,12 +220,6 @@ class DPFirstOrder(MethodModule):
                 self.log(f"anadp/sigma/{g}", sigma, batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        done, every = self.ledger.steps, max(1, self.privacy.steps // 50)
-        if done % every == 0 or done == self.privacy.steps:
-            self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["privacy_ledger"] = self.ledger.state_dict()

@@ -330,15 +330,7 @@ class FederatedLoRA(MethodModule):
         self.log("fed/clients", float(len(clients)), batch_size=n)
         self.log("fed/update_norm", float(flat_norm(mean_update)), batch_size=n)
         self.log("fed/upload_bytes", float(self.round_bytes[-1]), batch_size=n)
-        self.log_epsilon()
         return loss
-
-    def log_epsilon(self) -> None:
-        if self.ledger is None:
-            return
-        done, every = self.ledger.steps, max(1, self.privacy.steps // 50)
-        if done % every == 0 or done == self.privacy.steps:
-            self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
 
     # --- checkpoints and results --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

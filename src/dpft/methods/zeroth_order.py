@@ -365,13 +365,6 @@ class ZerothOrder(MethodModule):
             self.log("train/batch_size", float(len(batch["examples"])), batch_size=n)
         return loss.mean() if not empty else loss.new_zeros(())
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)  # the step's timing ends here
-        if self.private:  # ε spent at ~50 points of the run and at its end (accounting is not free)
-            done, every = self.ledger.steps, max(1, self.privacy.steps // 50)
-            if done % every == 0 or done == self.privacy.steps:
-                self.log("privacy/epsilon_spent", self.ledger.epsilon_spent(), prog_bar=True, batch_size=1)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.ledger is not None:
