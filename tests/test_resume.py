@@ -145,6 +145,51 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path):
     assert a["metrics"] == b["metrics"] and a["privacy"]["epsilon_spent"] == b["privacy"]["epsilon_spent"]
 
 
+class Requeued(Exception):
+    """What submitit's SIGUSR2 handler does after requeuing the job: it ends the process."""
+
+
+class SignalAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def test_a_time_limit_signal_checkpoints_the_step_then_hands_over_to_submitit(tmp_path, monkeypatch):
+    """Slurm warns a job before its time limit with SIGUSR2; submitit's handler requeues the job and exits.
+    The checkpoint is written at the end of the signalled step first, and the requeued run resumes from it."""
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise Requeued
+
+    whole = run(_cfg(tmp_path, "whole", *RUNS["dpzo"]))
+    original = dpft.train.build_trainer
+    monkeypatch.setattr(dpft.train, "build_trainer", lambda cfg, output_dir, logger, callbacks, **kw: original(
+        cfg, output_dir, logger, [*callbacks, SignalAt(2)], **kw))
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        cfg = _cfg(tmp_path, "requeued", *RUNS["dpzo"])
+        with pytest.raises(Requeued):
+            run(cfg)
+        assert calls == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    dpft.train._finish_wandb(exit_code=1)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / LAST
+    assert torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"] == 3  # not a multiple of 2
+    monkeypatch.setattr(dpft.train, "build_trainer", original)
+    resumed = run(_cfg(tmp_path, "requeued", *RUNS["dpzo"]))
+    assert resumed["resume"]["from_step"] == 3
+    assert resumed["trainable_parameters_sha256"] == whole["trainable_parameters_sha256"]
+    assert resumed["privacy"] == whole["privacy"]
+
+
 # --- checkpoint files ------------------------------------------------------------------------------
 def test_a_crash_while_writing_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
     io, path = AtomicCheckpointIO(), tmp_path / LAST
@@ -264,3 +309,13 @@ def test_a_sweep_with_a_failing_cell_completes_and_reports_it(tmp_path):
     assert len(result.cells) == 1 and math.isfinite(result.cells[0].mean)
     assert len(result.failed) == 1 and "failed (sst2 / opt-tiny / ft / ε=∞): NonFiniteLossError" in \
         result.failed[0]["error"]
+
+
+def test_a_private_run_whose_weights_diverge_is_recorded_as_failed(tmp_path):
+    """Private steps bound every non-finite per-example value, so a diverging run would otherwise end "completed"."""
+    cfg = _cfg(tmp_path, "diverged", "method=dpsgd", "privacy=eps2", "method.optimizer=sgd", "method.lr=1e38",
+               "method.clip=100", "trainer.max_steps=3", "logger=none")
+    with pytest.raises(FloatingPointError, match="training diverged.*lower method.lr"):
+        run(cfg)
+    failed = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["type"] == "NonFiniteLossError"

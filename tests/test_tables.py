@@ -241,7 +241,8 @@ def test_slurm_launcher_submits_the_whole_table(tmp_path):
         (bin_dir / tool).chmod(0o755)
     (tmp_path / "tiny.yaml").write_text(TINY_SWEEP)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SBATCH_DIR": str(scripts)}
-    out = _sweep(str(tmp_path / "tiny.yaml"), "--launcher", "slurm_multigpu", "trainer.devices=2", "local=example",
+    out = _sweep(str(tmp_path / "tiny.yaml"), "--launcher", "slurm_multigpu", "trainer=ddp", "trainer.devices=2",
+                 "local=example",
                  "logger=none",
                  log_dir=tmp_path / "logs", env=env)
     assert out.returncode == 1 and "(2 of 2 multiruns failed)" in out.stdout  # the report is still written
@@ -250,6 +251,6 @@ def test_slurm_launcher_submits_the_whole_table(tmp_path):
     assert sorted(s.split("#SBATCH --array=")[1].split("%")[0] for s in submitted) == ["0-3", "0-5"]
     for script in submitted:
         for line in ("--partition=gpu", "--account=my-project", "--gres=gpu:a100:2", "--ntasks-per-node=2",
-                     "--nodes=1", "--time=1440", "--mem=64GB", "--cpus-per-task=8"):
+                     "--nodes=1", "--time=1440", "--mem=64GB", "--cpus-per-task=8", "--signal=USR2@300"):
             assert f"#SBATCH {line}\n" in script, line
         assert "export DPFT_DATA_DIR=$HOME/shared/data" in script

@@ -47,6 +47,24 @@ BEFORE_DATA = [
     (["method=dpzo", "privacy=pure_eps4"], "adds gaussian noise but privacy=pure_eps4 is a laplace budget"),
     (["checkpoint.every_n_steps=0"], "checkpoint.every_n_steps=0 is invalid"),
     (["resume=always"], "resume=always is invalid: must be auto or never"),
+    (["model.kind=seq2seq"], "model.kind='seq2seq' is not one of"),
+    (["task.num_dev=0"], "task.num_dev=0 is invalid"),
+    (["method=dpzo", "privacy=eps2", "privacy.mechanism=exponential"], "privacy.mechanism='exponential' is not one of"),
+    (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
+    (["trainer=ddp", "model=opt-13b"], "model.device_map=auto spreads one model over the GPUs of one process"),
+    # federated methods
+    (["method=fedavg", "fed.clients=0"], "fed.clients=0 is invalid"),
+    (["method=fedavg", "fed.rounds=0"], "fed.rounds=0 is invalid"),
+    (["method=fedavg", "fed.local_batch_size=0"], "fed.local_batch_size=0 is invalid"),
+    (["method=fedavg", "method.server_lr=0"], "method.server_lr=0 is invalid"),
+    (["method=fedavg", "method.aggregation=median"], "method.aggregation=median is invalid"),
+    (["method=fedavg", "model=opt-13b"], "model.device_map=auto is invalid: must be null for federated methods"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.chunk=0"], "method.encoder.chunk=0 is invalid"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.hidden=-1"], "method.encoder.hidden=-1 is invalid"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.steps=0"], "method.encoder.steps=0 is invalid"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.lr=0"], "method.encoder.lr=0 is invalid"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.rows=0"], "method.encoder.rows=0 is invalid"),
+    (["method=dr_encoder", "privacy=eps2", "method.encoder.var_floor=0"], "method.encoder.var_floor=0 is invalid"),
 ]
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +132,11 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 class ResumableRun(L.Callback):
     """Writes last.ckpt every `every_n_steps` steps (None: only on SIGTERM), restores the RNG states,
-    records the run's metadata, and checks the budget before the first (resumed) step."""
+    records the run's metadata, and checks the budget before the first (resumed) step.
+
+    SIGUSR2 (what Slurm sends `signal_delay_s` before a job's time limit under submitit, which then requeues
+    the job) is caught during training: the checkpoint is written at the end of the current step, then the
+    signal goes to the handler that was installed before (submitit's requeue), or to the default action."""
 
     def __init__(self, output_dir: Path, cfg: DictConfig, every_n_steps: int | None,
                  resumed_from: Path | None = None, keep: bool = False):
@@ -139,6 +145,8 @@ class ResumableRun(L.Callback):
         self._saved_at = -1
         self.meta = {"method": cfg.method.name, "privacy": OmegaConf.to_container(cfg.privacy, resolve=True)}
         self.lost_steps_charged = 0
+        self._signal: int | None = None
+        self._previous_handler: Any = None
 
     @property
     def path(self) -> Path:
@@ -146,16 +154,47 @@ class ResumableRun(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         ledger = getattr(pl_module, "ledger", None)
-        if stage == "fit" and ledger is not None and ledger.spec.secure_mode:
+        # one journal per run: rank 0 writes it (every rank steps an identical ledger)
+        if stage == "fit" and ledger is not None and ledger.spec.secure_mode and trainer.is_global_zero:
             ledger.journal = self.directory / JOURNAL
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._previous_handler is None:
+            return
+        if self._signal is None:
+            signal.signal(signal.SIGUSR2, self._previous_handler)
+            self._previous_handler = None
+        else:  # signalled after the last step (e.g. while validating): save the finished training, then hand over
+            if trainer.world_size == 1:
+                self._save(trainer)
+            self._hand_over_signal()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("signal %s: writing %s at the end of this step", signal.Signals(signum).name, self.path)
+        self._signal = signum
+
+    def _hand_over_signal(self) -> None:
+        """After the checkpoint: what the signal would have done without us (e.g. submitit requeues and exits)."""
+        signum, previous = self._signal, self._previous_handler
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handler = None
+        if callable(previous):
+            previous(signum, None)
+        elif previous in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signum)
 
     def _save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path)
         self._saved_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        stop = self._signal is not None
+        if trainer.world_size > 1:  # every process saves at the same step (saving is collective)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             self._save(trainer)
+        if stop and self._signal is not None:
+            self._hand_over_signal()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.keep and trainer.global_step > self._saved_at:
@@ -177,6 +216,9 @@ class ResumableRun(L.Callback):
         _set_rng_states(checkpoint["dpft"]["rng"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning's own signal set-up, which restores what it found at the end of fit
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGUSR2, self._on_signal)
         ledger = getattr(pl_module, "ledger", None)
         if ledger is None:
             return

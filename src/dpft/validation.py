@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
 from dpft.methods.dp_first_order import OPTIMIZERS
@@ -97,10 +97,25 @@ def validate_config(cfg: DictConfig) -> bool:
     if "eps" in m and str(cfg.trainer.get("precision")) not in ZO_PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} cannot run a zeroth-order step (mixed precision "
                           f"scales gradients, and there are none): use one of {ZO_PRECISIONS}")
-    private = check_privacy_pair(cfg)
-    if private:
+    check_devices(cfg)
+    if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
-    return private
+    return check_privacy_pair(cfg)
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """Several processes need dpft's data-parallel strategy (trainer=ddp), and a device-mapped model one process."""
+    devices = cfg.trainer.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or (str(devices).isdigit() and int(devices) > 1) or \
+        (isinstance(devices, list | ListConfig) and len(devices) > 1) or devices == -1
+    strategy = cfg.trainer.get("strategy")
+    ddp = isinstance(strategy, dict | DictConfig) and str(strategy.get("_target_", "")).endswith("ReplicatedDDPStrategy")
+    if several and not ddp:
+        raise ConfigError(f"trainer.devices={devices} needs trainer=ddp (dpft's data-parallel strategy: the samplers "
+                          "shard every batch and each method all-reduces what its step needs)")
+    if ddp and cfg.model.get("device_map") is not None:
+        raise ConfigError(f"model.device_map={cfg.model.device_map} spreads one model over the GPUs of one process; "
+                          "it cannot be combined with trainer=ddp: use trainer=gpu (or model.device_map=null)")
 
 
 def federated_checks(cfg: DictConfig) -> list[Check]:

@@ -91,6 +91,14 @@ class MethodModule(L.LightningModule):
             self.train_seconds += time.perf_counter() - self._t0
             self._t0 = None
 
+    def on_train_end(self) -> None:
+        """A run whose weights diverged fails (its cell is recorded as failed), even where private steps bounded
+        every non-finite loss on the way."""
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"training diverged: {len(bad)} trainable tensor(s) hold NaN or inf at step "
+                                     f"{self.steps_done} (e.g. {bad[0]}); lower method.lr")
+
     @property
     def steps_done(self) -> int:
         """Optimisation steps taken, over the whole run (a resumed run included)."""

@@ -223,7 +223,8 @@ class DPFirstOrder(MethodModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["privacy_ledger"] = self.ledger.state_dict()
-        checkpoint["dp_optimizer"] = self.dp.state_dict()
+        checkpoint["dp_optimizer"] = {**self.dp.state_dict(), "dropped": self.dp.dropped,
+                                      "sigma_history": self.sigma_history}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -233,7 +234,10 @@ class DPFirstOrder(MethodModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if getattr(self, "_pending_dp_state", None) is not None:
-            self.dp.load_state_dict(self._pending_dp_state)
+            state = self._pending_dp_state
+            self.dp.load_state_dict(state)
+            self.dp.dropped = int(state.get("dropped", 0))
+            self.sigma_history = list(state.get("sigma_history", []))
 
     def privacy_block(self) -> dict[str, Any]:
         block = self.ledger.report()
