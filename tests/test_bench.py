@@ -22,6 +22,12 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
         else:
             assert r["error"]  # Opacus missing or failing is reported, not hidden
     assert {r["method"] for r in records if r["name"] == "zo_step_over_two_forwards"} == {"mezo", "dpzo", "dpzero"}
+    # where Opacus ran, our DP step is compared with it directly, from the same medians
+    opacus = [r for r in records if r["name"] == "opacus_step_over_nonprivate" and r["ratio"] is not None]
+    ours_over_opacus = [r for r in records if r["name"] == "dpsgd_step_over_opacus"]
+    assert len(ours_over_opacus) == len(opacus)
+    for r in ours_over_opacus:
+        assert r["ratio"] == r["medians"]["dpsgd_step"] / r["medians"]["opacus_step"] and r["target"] == 1.0
     assert "zo_step_over_two_forwards" in format_table(records)
 
 

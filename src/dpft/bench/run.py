@@ -9,6 +9,7 @@ Ratios (`name` in bench.json):
 - zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it
 - dpsgd_step_over_nonprivate      our DP-AdamW step (full / LoRA) over a non-private AdamW step
 - opacus_step_over_nonprivate     Opacus's hook-based DP step over the same non-private step (where it runs)
+- dpsgd_step_over_opacus          our DP step over Opacus's, same batch and run (target 1.0: at or below Opacus)
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
 - ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
 Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
@@ -36,7 +37,7 @@ from dpft.methods.zeroth_order import GradientEstimator, PrivateEstimator, Zerot
 from dpft.models.loading import load_model
 
 TARGETS = {"zo_step_over_two_forwards": 1.15, "zo_peak_memory_over_inference": 1.05,
-           "zo_step_over_mezo_reference": 0.8, "dpsgd_step_over_nonprivate": 1.5}
+           "zo_step_over_mezo_reference": 0.8, "dpsgd_step_over_nonprivate": 1.5, "dpsgd_step_over_opacus": 1.0}
 
 
 # --- models and batches ------------------------------------------------------------------------
@@ -233,6 +234,8 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
     if "opacus_step" in medians:
         out.append(record("opacus_step_over_nonprivate", f"opacus_{mode}", shape, n, batch, length, device,
                           medians, "opacus_step", "nonprivate_step"))
+        out.append(record("dpsgd_step_over_opacus", f"dpsgd_{mode}", shape, n, batch, length, device,
+                          medians, "dpsgd_step", "opacus_step"))
     elif opacus_error:
         out.append({"name": "opacus_step_over_nonprivate", "method": f"opacus_{mode}", "model_shape": shape,
                     "params": n, "batch_size": batch, "seq_len": length, "device": device, "ratio": None,
