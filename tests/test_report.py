@@ -282,6 +282,16 @@ def test_summary_round_trip_and_the_wandb_reader(tmp_path):
     assert [(c.method, c.epsilon, c.values) for c in out.cells] == [("dpzo", 2.0, [50.0]), ("mezo", math.inf, [50.0])]
     assert out.failed == [{"path": "me/dpft/c", "error": "crashed: no results in the run summary (W&B state crashed)"}]
     assert loaded[0]["config"] == {"method": {"clip": 0.05}}
+    # a cell run again is one job (same output folder): its newest completed run counts, a later crash does not
+    failed = {**summary, "status": "failed", "error": "NonFiniteLossError: ..."}
+    again = {**summary, "test/acc": 60.0}
+    cell = {"method": {"clip": 0.05}, "paths": {"output_dir": "logs/tables/t/method=dpzo,seed=1"}}
+    reruns = [SimpleNamespace(summary_metrics=m, config=cell, group="t", job_type="train", state=state,
+                              path=["me", "dpft", i], created_at=f"2026-12-0{day}T00:00:00")
+              for m, state, i, day in [(again, "finished", "g", 2), (failed, "failed", "f", 1),
+                                       ({"_runtime": 1}, "crashed", "h", 3)]]
+    loaded = load_wandb("me/dpft", "t", api=FakeApi(reruns))
+    assert [(r["source"], r["metrics"]["test/acc"]) for r in loaded] == [("me/dpft/g", 60.0)]
 
 
 def test_report_needs_one_source(tmp_path):

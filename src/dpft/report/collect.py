@@ -103,18 +103,20 @@ def load_wandb(path: str, table: str | None = None, api: Any = None) -> list[dic
         import wandb
 
         api = wandb.Api()
-    out = []
-    for run in api.runs(path, filters={"group": table} if table else None):
-        if run.job_type == "report":
-            continue
+    latest: dict[str, dict[str, Any]] = {}  # one result per job: a cell run again shows up as a second W&B run
+    runs = [r for r in api.runs(path, filters={"group": table} if table else None) if r.job_type != "report"]
+    for run in sorted(runs, key=lambda r: str(getattr(r, "created_at", "") or "")):
         summary = dict(run.summary_metrics)
         source = "/".join(run.path)
         if "method" not in summary:
-            out.append({"status": run.state, "error": f"no results in the run summary (W&B state {run.state})",
-                        "source": source})
-            continue
-        out.append({**results_from_summary(summary, config=dict(run.config)), "source": source})
-    return out
+            results = {"status": run.state, "error": f"no results in the run summary (W&B state {run.state})",
+                       "source": source}
+        else:
+            results = {**results_from_summary(summary, config=dict(run.config)), "source": source}
+        job = str((dict(run.config).get("paths") or {}).get("output_dir") or source)
+        if results.get("status") == "completed" or latest.get(job, {}).get("status") != "completed":
+            latest[job] = results  # the newest completed run of the job, else its newest run
+    return list(latest.values())
 
 
 # --- cells, references, comparisons -----------------------------------------------------------------------
