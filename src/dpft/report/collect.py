@@ -221,11 +221,13 @@ class Report:
         def eps(value: float) -> str:
             return r"$\infty$" if math.isinf(value) else f"{value:g}"
 
-        lines = [r"\begin{tabular}{llllrrl}", r"\toprule",
-                 r"Task & Model & Method & $\varepsilon$ & Test & Paper & $\Delta$ \\", r"\midrule"]
-        for c in self.cells:
+        lines = [r"\begin{tabular}{llllrrrrl}", r"\toprule",
+                 r"Task & Model & Method & $\varepsilon$ & $\varepsilon$ spent & $n$ & Test & Paper & $\Delta$ \\",
+                 r"\midrule"]
+        for c, r in zip(self.cells, self.rows()):
             diff = None if c.reference is None else c.mean - c.reference
             lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.method)} & {eps(c.epsilon)} & "
+                         f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
                          f"{c.mean:.1f} $\\pm$ {c.stderr:.1f} & {_fmt(c.reference).replace('–', '--')} & "
                          f"{_fmt(diff, '+.1f').replace('–', '--')} \\\\")
         lines += [r"\bottomrule", r"\end{tabular}"]
@@ -237,6 +239,8 @@ class Report:
                              f"{esc(c.baseline.method)} & {eps(c.cell.epsilon)} & {c.difference:+.1f} $\\pm$ "
                              f"{c.stderr:.1f} \\\\")
             lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [f"% missing cell: {t} / {m} / {meth} / eps={_eps(e)}" for t, m, meth, e in self.missing]
+        lines += [f"% failed run: {f['path']}" for f in self.failed]
         return "\n".join(lines) + "\n"
 
     def figure(self):
