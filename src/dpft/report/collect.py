@@ -249,9 +249,13 @@ class Report:
         from matplotlib.figure import Figure
 
         panels = sorted({(c.task, c.model) for c in self.cells})
-        fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="tight")
-        axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
-        for ax, (task, model) in zip(axes[0], panels):
+        columns = min(max(len(panels), 1), 4)  # a grid of at most 4 columns: a big table stays readable
+        rows = math.ceil(max(len(panels), 1) / columns)
+        fig = Figure(figsize=(5 * columns, 4 * rows), layout="tight")
+        axes = fig.subplots(rows, columns, squeeze=False).flatten()
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        for ax, (task, model) in zip(axes, panels):
             series: dict[str, list[Cell]] = defaultdict(list)
             for c in self.cells:
                 if (c.task, c.model) == (task, model):
