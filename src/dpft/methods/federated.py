@@ -217,6 +217,7 @@ class FederatedLoRA(MethodModule):
         self.sampled: list[int] = []  # clients per round (stage 2)
         self.round_bytes: list[int] = []  # bytes the round's clients sent, counted on the tensors sent
         self.prior_upload_bytes = 0
+        self.nonfinite_clients = 0
 
     # --- clients ------------------------------------------------------------------------------------
     def local_update(self, client: int, round_seed: int) -> tuple[list[torch.Tensor], float]:
@@ -233,7 +234,8 @@ class FederatedLoRA(MethodModule):
                 batch = self.trainer.datamodule.transfer_batch_to_device(
                     self.scorer.collate([shard[i] for i in picks], train=True), self.device, 0)
                 loss = self.per_example_losses(batch).mean()
-                self.check_finite(loss, self.steps_done)
+                if self.ledger is None:  # private runs must not stop on what a client's data do: see below
+                    self.check_finite(loss, self.steps_done)
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
                     for p, g in zip(params, grads):
@@ -243,6 +245,9 @@ class FederatedLoRA(MethodModule):
             update = [p.detach() - s for p, s in zip(params, start)]
             for p, s in zip(params, start):
                 p.copy_(s)
+        if self.ledger is not None and not all(torch.isfinite(u).all() for u in update):
+            self.nonfinite_clients += 1  # a diverged client contributes nothing (its clipped update would be NaN)
+            update = [torch.zeros_like(u) for u in update]
         return update, sum(losses) / len(losses)
 
     # --- stage 1: the random prior ----------------------------------------------------------------------
@@ -336,6 +341,7 @@ class FederatedLoRA(MethodModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["federated"] = {"sampled": self.sampled, "round_bytes": self.round_bytes,
+                                   "nonfinite_clients": self.nonfinite_clients,
                                    "prior_upload_bytes": self.prior_upload_bytes, "noise": self.noise.state_dict(),
                                    "prior": None if self.prior is None else vars(self.prior),
                                    "encoder_loss": self.autoencoder.loss_history if self.autoencoder else None}
@@ -347,6 +353,7 @@ class FederatedLoRA(MethodModule):
         state = checkpoint["federated"]
         self.sampled, self.round_bytes = list(state["sampled"]), list(state["round_bytes"])
         self.prior_upload_bytes = int(state["prior_upload_bytes"])
+        self.nonfinite_clients = int(state["nonfinite_clients"])
         self.noise.load_state_dict(state["noise"])
         self.prior = RandomPrior(**state["prior"]) if state["prior"] else None  # the trained codec is in the weights
         if self.autoencoder is not None:
@@ -385,6 +392,7 @@ class FederatedLoRA(MethodModule):
             return {**super().privacy_block(), "sampling": "clients_per_round clients without replacement"}
         block = self.ledger.report()
         block["prior_rounds"] = self.prior_rounds
+        block["nonfinite_client_updates"] = self.nonfinite_clients
         block["noise_placement"] = ("split over the round's clients before encoding" if self.aggregation == "encoded"
                                     else "server, on the sum")
         return block
