@@ -59,6 +59,8 @@ def build_task_from_config(task_cfg: DictConfig):
 
 def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) -> MethodModule:
     kwargs = {k: v for k, v in cfg.method.items() if k not in RUN_KEYS}
+    if cfg.method.get("federated"):  # the federation's settings (the `fed` block) go to the method as one dict
+        extra["fed"] = OmegaConf.to_container(cfg.fed, resolve=True)
     # partial first: objects passed through instantiate would be turned into configs
     factory = hydra.utils.instantiate(kwargs, _partial_=True, _convert_="all")
     module = factory(model=model, scorer=scorer, **extra)
@@ -170,10 +172,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
     model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
-    extra = {"privacy": spec} if spec else {}
-    if cfg.method.get("federated"):
-        extra["fed"] = OmegaConf.to_container(cfg.fed, resolve=True)
-    module = build_method(cfg, model, scorer, **extra)
+    module = build_method(cfg, model, scorer, **({"privacy": spec} if spec else {}))
 
     logger = build_logger(cfg, run_id=saved.get("dpft", {}).get("wandb_run_id"))
     resumable = ResumableRun(output_dir, cfg, cfg.checkpoint.get("every_n_steps"), resumed_from=ckpt,
