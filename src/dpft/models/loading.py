@@ -65,20 +65,60 @@ class MeanPoolClassifier(nn.Module):
 
     Sentence-transformer checkpoints (all-MiniLM-L6-v2) are trained for mean pooling; a
     `*ForSequenceClassification` head would sit on an untrained pooler instead.
+
+    When no encoder weight trains (`method.trainable=head`), the encoder is a fixed feature extractor: it
+    stays in eval mode (dropout in frozen weights would only add noise to the features) and, with
+    `cache_features`, each text's pooled features are computed once, alone (so they do not depend on the
+    batch it came in), and reused by every later forward pass. A head-only step then costs the head's
+    arithmetic, not two encoder passes. Any change or move of an encoder weight empties the cache.
     """
 
-    def __init__(self, encoder: PreTrainedModel, num_labels: int):
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, cache_features: bool = False):
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.cache_features = cache_features
+        self._features: dict[bytes, torch.Tensor] = {}
+        self._weights_version: tuple[tuple[int, int], ...] = ()
 
-    def pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    @property
+    def encoder_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.encoder.parameters())
+
+    def train(self, mode: bool = True) -> MeanPoolClassifier:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
+    def _pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+        if self.cache_features and not kwargs and not self.encoder.training and self.encoder_frozen:
+            return self._cached_pool(input_ids, attention_mask)
+        return self._pool(input_ids, attention_mask, **kwargs)
+
+    def _cached_pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        version = tuple((p.data_ptr(), p._version) for p in self.encoder.parameters())  # moved or changed
+        if version != self._weights_version:
+            self._features.clear()
+            self._weights_version = version
+        rows = []
+        # normal tensors even under inference_mode, so a cached row can also feed a training step's head
+        with torch.inference_mode(False), torch.no_grad():
+            for ids, mask in zip(input_ids, attention_mask):
+                tokens = ids[mask.bool()]
+                key = tokens.cpu().numpy().tobytes()
+                if key not in self._features:
+                    self._features[key] = self._pool(tokens[None], torch.ones_like(tokens)[None])[0]
+                rows.append(self._features[key])
+            return torch.stack(rows)
 
     def forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         return self.head(self.pool(input_ids, attention_mask, **kwargs))
@@ -142,7 +182,7 @@ def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
     if kind == "classifier":
         if num_labels < 2:
             raise ValueError(f"model.kind=classifier needs a classification task (got {num_labels} labels)")
-        model = MeanPoolClassifier(model, num_labels).to(dtype)
+        model = MeanPoolClassifier(model, num_labels, bool(model_cfg.get("cache_features", False))).to(dtype)
     return model
 
 
