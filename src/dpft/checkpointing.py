@@ -165,13 +165,14 @@ class ResumableRun(L.Callback):
             signal.signal(signal.SIGUSR2, self._previous_handler)
             self._previous_handler = None
         else:  # signalled after the last step (e.g. while validating): save the finished training, then hand over
+            log.warning("%s after the last step: writing %s, then handing the signal over",
+                        signal.Signals(self._signal).name, self.path)
             if trainer.world_size == 1:
                 self._save(trainer)
             self._hand_over_signal()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("signal %s: writing %s at the end of this step", signal.Signals(signum).name, self.path)
-        self._signal = signum
+        self._signal = signum  # only a flag: logging is not safe inside a signal handler
 
     def _hand_over_signal(self) -> None:
         """After the checkpoint: what the signal would have done without us (e.g. submitit requeues and exits)."""
@@ -191,6 +192,10 @@ class ResumableRun(L.Callback):
         stop = self._signal is not None
         if trainer.world_size > 1:  # every process saves at the same step (saving is collective)
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            log.warning("%s: writing %s at step %d, then handing the signal over",
+                        signal.Signals(self._signal).name if self._signal else "a signal on another rank",
+                        self.path, trainer.global_step)
         if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             self._save(trainer)
         if stop and self._signal is not None:
