@@ -92,9 +92,13 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
     for method, dims in (sweep.get("search") or {}).items():
         if method not in arm_methods:
             _fail(where, f"search.{method}: not a method of the arms {arm_methods}")
+        chosen = [_overrides(a.get("overrides", [])) for a in sweep["arms"] if arm_name(a) == method]
         for key, values in dims.items():
             if not isinstance(values, list) or not values:
                 _fail(where, f"search.{method}.{key}: give a non-empty list of values")
+            if any(key not in c for c in chosen):  # else its runs are named apart from the searched ones
+                _fail(where, f"search.{method}.{key}: the arm must set its chosen value in its overrides "
+                             f"(e.g. {key}={values[0]})")
     for spec in sweep.get("compare") or []:
         for role in ("method", "baseline"):
             if spec.get(role) not in arm_methods:
@@ -206,7 +210,18 @@ def commands(sweep: dict[str, Any], launcher: str = "basic", log_dir: str = "log
              *(f"{k}={','.join(v)}" for k, v in block.dims.items()),
              f"hydra.sweep.dir={log_dir}/tables/{name}", "skip_existing=true", f"table={name}",
              _dirname_excludes(sweep), *launch, *(extra or [])]
-            for block in blocks(sweep, search)]
+            for block in blocks(sweep, search)
+            for block in (_per_model(block) if launcher.startswith("slurm") else [block])]
+
+
+def _per_model(block: Block) -> list[Block]:
+    """Slurm: one multirun per model, so that each job array asks for its model's GPUs (`model.gpus`, which
+    the launcher reads from the multirun's own config; a swept model would leave it the default's)."""
+    models = block.dims.get("model", [])
+    if len(models) < 2:
+        return [block]
+    rest = {k: v for k, v in block.dims.items() if k != "model"}
+    return [Block({**block.overrides, "model": model}, rest) for model in models]
 
 
 def _dirname_excludes(sweep: dict[str, Any]) -> str:
