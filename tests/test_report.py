@@ -3,6 +3,7 @@ search selection and missing list; the W&B reading path; the launcher configs.""
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -64,6 +65,18 @@ def test_every_sweep_composes_into_its_jobs(name, count):
         assert cfg.trainer.accelerator == ("cpu" if name.startswith("cpu") or name.endswith("_cpu") else "gpu")
 
 
+@pytest.mark.parametrize("name,count", [("cpu", 147), ("dpzero_roberta", 1620), ("dpzero_opt", 684), ("dpzo_opt", 1134),
+                                        ("dpzoso_roberta", 135), ("anadp_roberta", 1152), ("dr_encoder", 96),
+                                        ("dr_encoder_cpu", 7)])
+def test_search_grids_expand_to_their_jobs_and_keep_the_chosen_ones(name, count):
+    """`--search` runs the papers' grids (the README's counts); the arms' chosen values are among them, spelled
+    alike, so a table's finished cells count for the search too."""
+    sweep = load_sweep(name)
+    searched = {tuple(sorted(j.items())) for j in jobs(sweep, search_keys(sweep))}
+    assert len(searched) == len(jobs(sweep, search_keys(sweep))) == count
+    assert {tuple(sorted(j.items())) for j in jobs(sweep)} <= searched
+
+
 def test_sweep_files_load_and_their_references_name_expected_cells():
     names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     assert names == ["anadp_roberta", "cpu", "dpzero_opt", "dpzero_roberta", "dpzo_opt", "dpzoso_roberta", "dr_encoder",
@@ -112,6 +125,8 @@ def test_dpzoso_delta_is_one_over_each_tasks_training_set_size():
     ("arms: [{method: dpzeroo}]", "method='dpzeroo' is not one of"),
     ("arms: [{method: dpzero, privacy: [eps3]}]", "privacy='eps3'"),
     ("arms: [{method: mezo}]\nsearch: {dpzero: {method.clip: [1]}}", "search.dpzero: not a method of the arms"),
+    ("arms: [{method: mezo}]\nsearch: {mezo: {method.lr: [1e-6, 1e-7]}}",
+     "search.mezo.method.lr: the arm must set its chosen value"),
     ("arms: [{method: mezo}]\ncompare: [{method: mezo, baseline: ft}]", "baseline='ft'"),
     ("arms: [{method: mezo}]\nreference: [{task: sst2, model: opt-tiny, method: mezo, epsilon: .inf}]", "missing ['value']"),
     ("arms: [{method: mezo}]\nreference: [{task: sst2, model: opt-tiny, method: mezo, epsilon: .inf, value: 1}]",
@@ -336,3 +351,27 @@ def test_launcher_configs_compose():
     for name, config in [("joblib", "parallel"), ("slurm", "slurm"), ("slurm_multigpu", "slurm_multigpu")]:
         assert f"hydra/launcher={config}" in commands(load_sweep("cpu"), name)[0]
     assert not any(a.startswith("hydra/launcher") for a in commands(load_sweep("cpu"))[0])
+
+
+def test_slurm_submits_one_array_per_model_with_its_gpus():
+    """dpzo_opt sweeps OPT-1.3B … 66B: under Slurm each model is its own multirun, so its job array asks for
+    the GPUs its weights need (one, two for OPT-66B); the jobs themselves are the same."""
+    sweep = load_sweep("dpzo_opt")
+    local, slurm = commands(sweep), commands(sweep, "slurm")
+    per_model = [[a for a in c if a.startswith("model=")] for c in slurm]
+    assert all(len(m) == 1 and "," not in m[0] for m in per_model)
+    assert len(slurm) == 6 * len(local)
+
+    def expand(cmds):
+        return sorted(tuple(sorted(job)) for c in cmds for job in _jobs_of(c))
+    assert expand(slurm) == expand(local)
+    gres = {model: _launcher("hydra/launcher=slurm", f"model={model}")["gres"] for model in ("opt-1.3b", "opt-66b")}
+    assert gres == {"opt-1.3b": "gpu:1", "opt-66b": "gpu:2"}
+    assert _launcher("hydra/launcher=slurm", "model=opt-66b", "local=example")["gres"] == "gpu:a100:2"
+
+
+def _jobs_of(command: list[str]) -> list[list[str]]:
+    """The jobs one `--multirun` command line stands for (swept keys are comma lists)."""
+    items = [a for a in command if "=" in a and not a.startswith(("hydra", "skip_existing", "table"))]
+    choices = [[f"{a.split('=', 1)[0]}={v}" for v in a.split("=", 1)[1].split(",")] for a in items]
+    return [list(job) for job in itertools.product(*choices)]
