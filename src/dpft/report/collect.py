@@ -29,6 +29,7 @@ from dpft.report.sweeps import jobs as sweep_jobs
 from dpft.results import results_from_summary
 
 MAIN_METRICS = ("test/f1", "test/acc")  # F1 for generation tasks, else accuracy
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 CellKey = tuple[str, str, str, float]  # task, model, method, target ε
 
 
@@ -263,9 +264,11 @@ class Report:
             for index, (method, points) in enumerate(sorted(series.items())):
                 color = f"C{index % 10}"
                 finite = sorted((p for p in points if math.isfinite(p.epsilon)), key=lambda p: p.epsilon)
-                if finite:
+                if finite:  # a marker shape of its own, so that methods with equal results stay visible
                     ax.errorbar([p.epsilon for p in finite], [p.mean for p in finite],
-                                yerr=[p.stderr for p in finite], marker="o", capsize=3, label=method, color=color)
+                                yerr=[p.stderr for p in finite], marker=MARKERS[index % len(MARKERS)],
+                                markersize=9 - 2 * (index % 3), fillstyle="full" if index % 2 == 0 else "none",
+                                capsize=3, label=method, color=color)
                 for p in points:
                     if math.isinf(p.epsilon):
                         ax.axhline(p.mean, linestyle="--", linewidth=1, label=f"{method} (ε=∞)", color=color)
