@@ -14,6 +14,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; each test file stays on one worker, so module fixtures are built once); 0: none
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-full lint format clean bench bench-quick audit
@@ -36,10 +38,10 @@ demo: install ## train MiniLM on SST-2 512-shot (offline, ~2 min on 2 CPU cores)
 	$(BIN)/dpft-train experiment=demo
 
 test: install ## run the test suite (fast tests; what CI runs)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-full: install ## run every test, the slow ones too
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "" $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
