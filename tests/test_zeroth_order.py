@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from dpft.methods.zeroth_order import ZerothOrderSGD
+from dpft.methods import zeroth_order
+from dpft.methods.zeroth_order import StageSchedule, ZerothOrderSGD
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -162,3 +164,32 @@ def test_per_parameter_seeding_is_independent_of_parameter_order():
 
     straight, permuted = train([0, 1, 2, 3]), train([3, 1, 0, 2])
     assert all(torch.equal(straight[n], permuted[n]) for n in names)
+
+
+@pytest.mark.parametrize("chunk", [4, 1 << 20], ids=["many_chunks", "one_chunk"])
+def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk):
+    """z is drawn and applied a chunk at a time (split over threads); with chunks of 4 entries the step still
+    is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η g z on the masked coordinates, the others untouched, with z the
+    parameter's whole direction (`_z`), whose entries are standard normal."""
+    monkeypatch.setattr(zeroth_order, "Z_CHUNK", chunk)
+    model = _model()
+    params = list(model.parameters())
+    masks = [torch.tensor([0, 3, 4, 7, 9, 10, 11, 13, 14, 21, 29]), None, None, torch.tensor([1, 2])]
+    lr, eps, decay, rho = 1e-2, 1e-3, 0.1, 0.5
+    opt = ZerothOrderSGD(params, lr=lr, eps=eps, weight_decay=decay, seed=5, masks=masks, proximal=rho,
+                         schedule=StageSchedule(first_stage=100))
+    x, y = _batch()
+    anchor = [p.detach().clone().view(-1) for p in params]
+    opt.step(_closure(model, x, y))  # the first step sets θ_ref = θ_0; the second is checked
+    before = [p.detach().clone().view(-1) for p in params]
+    opt.step(_closure(model, x, y))
+    g, seed = opt.state["zo"]["projected_grads"][0], opt.step_seed(1)
+    for i, p in enumerate(params):
+        z = opt._z(p, i, seed).view(-1)
+        coords = masks[i] if masks[i] is not None else torch.arange(p.numel())
+        expected = before[i].clone()
+        expected[coords] = (before[i][coords] * (1 - lr * (decay + rho)) + lr * rho * anchor[i][coords]
+                            - lr * g * z)
+        torch.testing.assert_close(p.detach().view(-1), expected, rtol=0, atol=1e-6)
+    draws = torch.cat([opt._z(params[1], 1, s).view(-1) for s in range(400)])  # 400 × 5 entries
+    assert abs(draws.mean().item()) < 0.1 and abs(draws.std().item() - 1.0) < 0.05

@@ -5,9 +5,10 @@ One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k
     for k: θ += φz_k; ℓ⁺ = L(θ); θ -= 2φz_k; ℓ⁻ = L(θ); r_i = (ℓ⁺_i - ℓ⁻_i)/2φ; g_k = estimate(r); θ += φz_k
     θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
-The last restore is folded into the update (one pass over the parameters). z is drawn from a
-dedicated generator reseeded per parameter from (step seed, parameter name): the global RNG is
-never touched, and a parameter's direction does not depend on the others (order, placement).
+The last restore is folded into the update (one pass over the parameters). z is drawn in chunks of
+`Z_CHUNK` entries from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
+the global RNG is never touched, z never exists whole (memory stays that of inference), chunks spread
+over threads, and a parameter's direction does not depend on the others (order, placement).
 
 What the variants change:
 - `estimate` (`GradientEstimator`): MeZO averages r_i; private estimators clip r_i (DPZero) or the raw
@@ -43,6 +44,7 @@ from dpft.privacy.noise import NoiseSource
 from dpft.seeding import derive_seed
 
 CLIP_TARGETS = ("difference", "normalized")
+Z_CHUNK = 1 << 20  # z is drawn and applied 2^20 entries (4 MB in fp32) at a time
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -171,12 +173,16 @@ class ZerothOrderSGD(Optimizer):
                 yield index, group, p
                 index += 1
 
-    def _for_each_param(self, fn: Callable[[int, dict, torch.Tensor], None]) -> None:
-        """Run fn on every parameter. On CPU, parameters are spread over threads: generating z is the
-        cost of a ZO step beyond its forwards, randn runs on one core, and each parameter's z comes
-        from its own seed, so the result does not depend on the scheduling."""
-        items = list(self._params())
-        if len(items) > 1 and all(p.device.type == "cpu" for _, _, p in items) and torch.get_num_threads() > 1:
+    def _for_each_chunk(self, fn: Callable[[int, dict, torch.Tensor, int, slice], None]) -> None:
+        """Run fn(index, group, p, c, part) on every chunk c of every parameter. On CPU, chunks are spread
+        over threads: generating z is the cost of a ZO step beyond its forwards, randn runs on one core,
+        and each chunk's z comes from its own seed, so the result does not depend on the scheduling."""
+        items = []
+        for i, group, p in self._params():
+            size = p.numel() if self.masks[i] is None else self.masks[i].numel()
+            items += [(i, group, p, c, slice(start, min(start + Z_CHUNK, size)))
+                      for c, start in enumerate(range(0, size, Z_CHUNK))]
+        if len(items) > 1 and all(p.device.type == "cpu" for _, _, p, _, _ in items) and torch.get_num_threads() > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(torch.get_num_threads())
             for future in [self._pool.submit(fn, *item) for item in items]:
@@ -185,60 +191,75 @@ class ZerothOrderSGD(Optimizer):
             for item in items:
                 fn(*item)
 
-    def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
-        """z for parameter `index` (only its masked coordinates when it has a mask)."""
+    def _generator(self, device: torch.device) -> torch.Generator:
         generators = self._local.__dict__.setdefault("generators", {})
-        gen = generators.get(p.device)
-        if gen is None:
-            gen = generators[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(derive_seed(seed, self._keys[index]))
-        mask = self.masks[index]
-        shape = p.shape if mask is None else mask.shape
-        return torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype)
+        if device not in generators:
+            generators[device] = torch.Generator(device=device)
+        return generators[device]
 
-    def _add(self, p: torch.Tensor, index: int, z: torch.Tensor, alpha: float) -> None:
+    def _chunk(self, p: torch.Tensor, index: int, seed: int, c: int, part: slice):
+        """Chunk c of parameter `index`'s z (entries `part` of it), seeded by (seed, parameter, c), and the
+        coordinates of p's flat view it goes to (`part` itself, or the mask's flat indices there). z never
+        exists whole: at most one chunk per thread beside the weights."""
+        gen = self._generator(p.device)
+        gen.manual_seed(derive_seed(derive_seed(seed, self._keys[index]), c))
+        z = torch.randn(part.stop - part.start, generator=gen, device=p.device, dtype=p.dtype)
         mask = self.masks[index]
-        if mask is None:
-            p.add_(z, alpha=alpha)
+        return (part if mask is None else mask[part]), z
+
+    def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
+        """The whole z of parameter `index` (its masked coordinates under a mask), for checks and audits."""
+        size = p.numel() if self.masks[index] is None else self.masks[index].numel()
+        z = torch.cat([self._chunk(p, index, seed, c, slice(start, min(start + Z_CHUNK, size)))[1]
+                       for c, start in enumerate(range(0, size, Z_CHUNK))])
+        return z.view(p.shape) if self.masks[index] is None else z
+
+    @staticmethod
+    def _add(flat: torch.Tensor, coords: slice | torch.Tensor, z: torch.Tensor, alpha: float) -> None:
+        if isinstance(coords, slice):
+            flat[coords].add_(z, alpha=alpha)
         else:  # in place on the parameter itself (indexing a parameter returns a copy)
-            p.view(-1).index_add_(0, mask, z, alpha=alpha)
+            flat.index_add_(0, coords, z, alpha=alpha)
 
     def perturb(self, seed: int, scale: float) -> None:
         @torch.no_grad()
-        def one(i: int, group: dict, p: torch.Tensor) -> None:
-            self._add(p, i, self._z(p, i, seed), scale)
+        def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
+            coords, z = self._chunk(p, i, seed, c, part)
+            self._add(p.view(-1), coords, z, scale)
 
-        self._for_each_param(one)
+        self._for_each_chunk(one)
 
     def restore_and_update(self, seeds: list[int], grads: list[float]) -> None:
         """From θ - φz_K: restore the last direction and apply the whole update, in one pass."""
         k_last = len(seeds) - 1
 
         @torch.no_grad()
-        def one(i: int, group: dict, p: torch.Tensor) -> None:
+        def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
             lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
             shrink, pull = lr * (decay + self.proximal), lr * self.proximal
+            anchor, flat = self.state[p].get("anchor"), p.view(-1)
             for k, (seed, grad) in enumerate(zip(seeds, grads)):
-                z = self._z(p, i, seed)
+                coords, z = self._chunk(p, i, seed, c, part)
                 step = -lr * grad / len(seeds)
                 if k == k_last and shrink:
-                    self._add(p, i, z, eps)  # θ restored before the decay/proximal terms read it
-                    self._shrink(p, i, shrink, pull)
-                    self._add(p, i, z, step)
+                    self._add(flat, coords, z, eps)  # θ restored before the decay/proximal terms read it
+                    self._shrink(flat, coords, shrink, pull, None if anchor is None else anchor.view(-1)[part])
+                    self._add(flat, coords, z, step)
                 else:
-                    self._add(p, i, z, step + eps if k == k_last else step)
+                    self._add(flat, coords, z, step + eps if k == k_last else step)
 
-        self._for_each_param(one)
+        self._for_each_chunk(one)
 
-    def _shrink(self, p: torch.Tensor, index: int, shrink: float, pull: float) -> None:
-        """θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref on the trainable coordinates."""
-        mask, anchor = self.masks[index], self.state[p].get("anchor")
-        values = p if mask is None else p.view(-1)[mask]
-        values = values.mul_(1.0 - shrink) if mask is None else values * (1.0 - shrink)
+    @staticmethod
+    def _shrink(flat: torch.Tensor, coords: slice | torch.Tensor, shrink: float, pull: float,
+                anchor: torch.Tensor | None) -> None:
+        """θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref on these coordinates (`anchor`: θ_ref's entries for them)."""
+        values = flat[coords]  # a view for a slice, a copy for indices
+        values.mul_(1.0 - shrink)
         if pull and anchor is not None:
             values.add_(anchor, alpha=pull)
-        if mask is not None:
-            p.view(-1)[mask] = values
+        if not isinstance(coords, slice):
+            flat[coords] = values
 
     def _start_stage(self, step: int) -> None:
         stage = self.schedule.stage(step)
