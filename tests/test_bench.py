@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dpft.bench.run import bench_dpsgd, bench_zo, format_table, main
 
 KEYS = {"name", "method", "model_shape", "params", "batch_size", "seq_len", "device", "ratio", "target", "medians"}
@@ -34,11 +36,24 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
 def test_cli_writes_bench_json(tmp_path, monkeypatch):
     import dpft.bench.run as bench
 
-    monkeypatch.setattr(bench, "run", lambda quick, device, repeats: bench_zo("opt-tiny", 2, 8, device, 1))
+    monkeypatch.setattr(bench, "run", lambda quick, device, repeats, *grid: bench_zo("opt-tiny", 2, 8, device, 1))
     out = tmp_path / "bench.json"
     main(["--quick", "--out", str(out), "--device", "cpu", "--repeats", "1"])
     records = json.loads(out.read_text())
     assert records and all(KEYS <= set(r) for r in records)
+
+
+def test_a_part_of_the_grid_measures_only_its_points(tmp_path):
+    """`--only zo --shapes opt-tiny --lengths 8 --batches 2 4`: the ZO records of those two points, nothing else."""
+    out = tmp_path / "bench.json"
+    main(["--only", "zo", "--shapes", "opt-tiny", "--lengths", "8", "--batches", "2", "4", "--out", str(out),
+          "--device", "cpu", "--repeats", "1"])
+    records = json.loads(out.read_text())
+    assert {(r["model_shape"], r["batch_size"], r["seq_len"]) for r in records} == {("opt-tiny", 2, 8), ("opt-tiny", 4, 8)}
+    assert {r["name"] for r in records} == {"zo_step_over_two_forwards", "zo_step_over_mezo_reference",
+                                            "zo_seconds_per_step", "zo_peak_memory_over_inference"}
+    with pytest.raises(SystemExit):
+        main(["--quick", "--shapes", "opt-tiny", "--out", str(out)])
 
 
 def test_ddp_scaling_record_runs_two_gloo_processes():

@@ -2,6 +2,7 @@
 
     dpft-bench --quick --out bench.json     # OPT-125m shape, batch 16, length 128 (a few minutes on CPU)
     dpft-bench --out bench.json             # shapes × lengths {64, 256} × batches {8, 32}
+    dpft-bench --only zo --lengths 64 --batches 8   # a part of the grid: the ZO records (and scaling) of 3 shapes
 
 Ratios (`name` in bench.json):
 - zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
@@ -87,7 +88,9 @@ def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -
 
 
 def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1e-3, lr: float = 1e-6) -> None:
-    """The public MeZO code's step: global reseeding, four regenerations of z, out-of-place updates."""
+    """The public MeZO code's step: global reseeding, four regenerations of z, out-of-place updates of
+    `param.data` (outside inference mode, as there: weights made under it could not be updated in place
+    afterwards), forwards under `torch.inference_mode()`."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def perturb(scale: float) -> None:
@@ -96,11 +99,15 @@ def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1
             z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
             p.data = p.data + scale * z * eps
 
-    with torch.inference_mode():
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return per_example_loss(model, batch).mean()
+
+    with torch.no_grad():
         perturb(1)
-        loss1 = per_example_loss(model, batch).mean()
+        loss1 = forward()
         perturb(-2)
-        loss2 = per_example_loss(model, batch).mean()
+        loss2 = forward()
         perturb(1)
         grad = float((loss1 - loss2) / (2 * eps))
         torch.manual_seed(seed)
@@ -325,22 +332,27 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2)
 
 
 # --- entry point --------------------------------------------------------------------------------
-def run(quick: bool, device: str, repeats: int) -> list[dict[str, Any]]:
+SHAPES, LENGTHS, BATCHES = ("opt-tiny", "opt-125m", "roberta-base"), (64, 256), (8, 32)
+PARTS = ("zo", "dpsgd", "ddp")
+
+
+def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES, lengths: tuple[int, ...] = LENGTHS,
+        batches: tuple[int, ...] = BATCHES, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
     if quick:
         points = [("opt-125m", 16, 128)]
         dp_points = [("roberta-base", 16, 128)]
     else:
-        points = [(s, b, t) for s in ("opt-tiny", "opt-125m", "roberta-base") for t in (64, 256) for b in (8, 32)]
-        dp_points = [(s, b, t) for s in ("opt-125m", "roberta-base") for t in (64, 256) for b in (8, 32)]
+        points = [(s, b, t) for s in shapes for t in lengths for b in batches]
+        dp_points = [(s, b, t) for s in shapes if s != "opt-tiny" for t in lengths for b in batches]
     records = []
-    for shape, batch, length in points:
+    for shape, batch, length in points if "zo" in parts else []:
         print(f"[bench] zeroth-order {shape} batch={batch} len={length}", flush=True)
         records += bench_zo(shape, batch, length, device, repeats)
         records.append(bench_memory(shape, batch, length, device))
-    for shape, batch, length in dp_points:
+    for shape, batch, length in dp_points if "dpsgd" in parts else []:
         print(f"[bench] DP-SGD {shape} batch={batch} len={length}", flush=True)
         records += bench_dpsgd(shape, batch, length, device, repeats)
-    if device == "cpu":
+    if device == "cpu" and "ddp" in parts:
         shape, batch, length = points[0] if quick else ("opt-125m", 16, 128)
         print(f"[bench] data-parallel DP-ZO, 2 processes vs 1, {shape} batch={batch} len={length}", flush=True)
         records.append(bench_ddp(shape, batch, length, repeats))
@@ -366,11 +378,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every one available)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="a part of the grid")
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), dest="parts",
+                        help="zo: the ZO ratios, memory and scaling; dpsgd: DP-SGD and Opacus; ddp: 2 processes vs 1")
     args = parser.parse_args(argv)
+    if args.quick and (args.shapes, args.lengths, args.batches) != (list(SHAPES), list(LENGTHS), list(BATCHES)):
+        parser.error("--quick measures its one point; --shapes/--lengths/--batches choose points of the full grid")
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     records = []
     for device in devices:
-        records += run(args.quick, device, args.repeats)
+        records += run(args.quick, device, args.repeats, tuple(args.shapes), tuple(args.lengths), tuple(args.batches),
+                       tuple(args.parts))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine()}
     for r in records:
