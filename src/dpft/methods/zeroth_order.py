@@ -5,8 +5,8 @@ One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k
     for k: θ += φz_k; ℓ⁺ = L(θ); θ -= 2φz_k; ℓ⁻ = L(θ); r_i = (ℓ⁺_i - ℓ⁻_i)/2φ; g_k = estimate(r); θ += φz_k
     θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
-The last restore is folded into the update (one pass over the parameters). z is drawn in chunks of
-`Z_CHUNK` entries from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
+The last restore is folded into the update (one pass over the parameters). z is drawn in chunks
+(`Z_CHUNK` entries on CPU) from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
 the global RNG is never touched, z never exists whole (memory stays that of inference), chunks spread
 over threads, and a parameter's direction does not depend on the others (order, placement).
 
@@ -44,7 +44,10 @@ from dpft.privacy.noise import NoiseSource
 from dpft.seeding import derive_seed
 
 CLIP_TARGETS = ("difference", "normalized")
-Z_CHUNK = 1 << 20  # z is drawn and applied 2^20 entries (4 MB in fp32) at a time
+# z is drawn and applied this many entries at a time: on CPU 4 MB in fp32 (one chunk per thread beside the
+# weights); on accelerators bigger chunks mean fewer kernel launches (their RNG streams differ from the CPU's
+# anyway, so the chunk size costs no reproducibility across device types)
+Z_CHUNK, Z_CHUNK_ACCELERATOR = 1 << 20, 1 << 24
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -177,11 +180,8 @@ class ZerothOrderSGD(Optimizer):
         """Run fn(index, group, p, c, part) on every chunk c of every parameter. On CPU, chunks are spread
         over threads: generating z is the cost of a ZO step beyond its forwards, randn runs on one core,
         and each chunk's z comes from its own seed, so the result does not depend on the scheduling."""
-        items = []
-        for i, group, p in self._params():
-            size = p.numel() if self.masks[i] is None else self.masks[i].numel()
-            items += [(i, group, p, c, slice(start, min(start + Z_CHUNK, size)))
-                      for c, start in enumerate(range(0, size, Z_CHUNK))]
+        items = [(i, group, p, c, part) for i, group, p in self._params()
+                 for c, part in enumerate(self._parts(p, i))]
         if len(items) > 1 and all(p.device.type == "cpu" for _, _, p, _, _ in items) and torch.get_num_threads() > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(torch.get_num_threads())
@@ -190,6 +190,12 @@ class ZerothOrderSGD(Optimizer):
         else:
             for item in items:
                 fn(*item)
+
+    def _parts(self, p: torch.Tensor, index: int) -> list[slice]:
+        """The chunks of parameter `index`'s z (over its masked coordinates under a mask)."""
+        size = p.numel() if self.masks[index] is None else self.masks[index].numel()
+        chunk = Z_CHUNK if p.device.type == "cpu" else Z_CHUNK_ACCELERATOR
+        return [slice(start, min(start + chunk, size)) for start in range(0, size, chunk)]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generators = self._local.__dict__.setdefault("generators", {})
@@ -209,9 +215,7 @@ class ZerothOrderSGD(Optimizer):
 
     def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
         """The whole z of parameter `index` (its masked coordinates under a mask), for checks and audits."""
-        size = p.numel() if self.masks[index] is None else self.masks[index].numel()
-        z = torch.cat([self._chunk(p, index, seed, c, slice(start, min(start + Z_CHUNK, size)))[1]
-                       for c, start in enumerate(range(0, size, Z_CHUNK))])
+        z = torch.cat([self._chunk(p, index, seed, c, part)[1] for c, part in enumerate(self._parts(p, index))])
         return z.view(p.shape) if self.masks[index] is None else z
 
     @staticmethod
