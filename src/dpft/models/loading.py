@@ -110,12 +110,14 @@ class MeanPoolClassifier(nn.Module):
             self._features.clear()
             self._weights_version = version
         rows = []
+        real = attention_mask.bool()
+        host_ids, host_real = input_ids.cpu(), real.cpu()  # the keys, with one copy per batch (not one per row)
         # normal tensors even under inference_mode, so a cached row can also feed a training step's head
         with torch.inference_mode(False), torch.no_grad():
-            for ids, mask in zip(input_ids, attention_mask):
-                tokens = ids[mask.bool()]
-                key = tokens.cpu().numpy().tobytes()
+            for row in range(len(input_ids)):
+                key = host_ids[row][host_real[row]].numpy().tobytes()
                 if key not in self._features:
+                    tokens = input_ids[row][real[row]]
                     self._features[key] = self._pool(tokens[None], torch.ones_like(tokens)[None])[0]
                 rows.append(self._features[key])
             return torch.stack(rows)
