@@ -43,13 +43,14 @@ def _naive(model, scorer, params, examples) -> list[list[torch.Tensor]]:
     return [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads]
 
 
-def _captured(model, scorer, params, examples):
+def _captured(model, scorer, params, examples, to_outputs: bool = True):
+    """Capture one batch; backward as training does it (to the hooked layers' outputs), or an ordinary one."""
     per_example = PerExampleGradients(model, params)
     batch = scorer.collate(examples, train=True)
     assert batch["attention_mask"].sum(1).unique().numel() > 1  # really padded
     with per_example.capture(len(examples)):
         losses = scorer.losses(model, batch)
-    losses.sum().backward()
+    losses.sum().backward(inputs=per_example.backward_inputs() if to_outputs else None)
     return per_example
 
 
@@ -66,6 +67,28 @@ def test_per_example_norms_and_clipped_sums_equal_a_naive_loop(model_name, task_
     for j, p in enumerate(params):
         expected = sum(c * gs[j] for c, gs in zip(factors, naive))
         torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_to_the_layer_outputs_skips_weight_gradients_and_changes_nothing():
+    """Autograd computes no p.grad (the clipped sum replaces it), and norms and sums equal an ordinary backward's."""
+    model, scorer, params, examples = _setup("opt-tiny", "sst2", "none")
+    ordinary = _captured(model, scorer, params, examples, to_outputs=False)
+    assert all(p.grad is not None for p in params)
+    norms, _ = ordinary.norms_by_layer(), ordinary.accumulate(torch.ones(len(examples)))
+    sums = [p.summed_grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    ordinary.remove()
+    captured = _captured(model, scorer, params, examples)
+    assert all(p.grad is None for p in params)
+    assert captured.norms_by_layer().keys() == norms.keys()
+    for name, value in captured.norms_by_layer().items():
+        torch.testing.assert_close(value, norms[name], rtol=1e-6, atol=0)
+    captured.accumulate(torch.ones(len(examples)))
+    for p, expected in zip(params, sums):
+        torch.testing.assert_close(p.summed_grad, expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="capture"):
+        PerExampleGradients(model, params).backward_inputs()
 
 
 def _dp(per_example, params, sigma: float, clip: float, batch: float, cls=DPOptimizer, **kw):

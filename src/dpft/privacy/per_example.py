@@ -8,6 +8,10 @@ Hooks record each supported layer's input a and output gradient g during one ord
 - the clipped sum Σ_i c_i ∇ℓ_i is then one weighted contraction per layer (c_i folded into g), with
   no per-example gradient ever stored for the whole model and no second backward.
 
+The backward runs to the hooked layers' outputs only (`loss.backward(inputs=backward_inputs())`): that
+gives every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
+fine-tuning backward costs its input gradients alone; `p.grad` stays None until the noise is added).
+
 Why not Opacus: its hooks fail on OPT (and BERT's embeddings) under transformers 5 here, and its
 ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
 B × |θ| gradients and HF models are not all vmap-safe. This implementation needs only per-layer
@@ -70,6 +74,7 @@ class PerExampleGradients:
         self._dropped: torch.Tensor | None = None
         self._acts: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self._grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._outputs: list[torch.Tensor] = []
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self.layers]
 
     def remove(self) -> None:
@@ -81,6 +86,7 @@ class PerExampleGradients:
         self.batch_size = batch_size
         self._acts.clear()
         self._grads.clear()
+        self._outputs.clear()
         self._dropped = None
         return self
 
@@ -102,7 +108,14 @@ class PerExampleGradients:
             raise UnsupportedLayerError(f"layer {type(module).__name__} is called twice in one forward pass; "
                                         "per-example gradients need one call per layer")
         self._acts[module].append(inputs[0].detach())
+        self._outputs.append(output)
         output.register_hook(lambda grad, module=module: self._grads[module].append(grad.detach()))
+
+    def backward_inputs(self) -> list[torch.Tensor]:
+        """What the backward needs to reach: the hooked layers' outputs of the captured forward."""
+        if not self._outputs:
+            raise RuntimeError("nothing captured: run the forward pass under `with per_example.capture(B):`")
+        return list(self._outputs)
 
     # --- per-layer rules --------------------------------------------------------------------------
     def _pairs(self):
