@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from dpft.bench.run import bench_dpsgd, bench_zo, format_table, main
+from dpft.bench.run import (
+    bench_dpsgd,
+    bench_zo,
+    build,
+    format_table,
+    main,
+    make_batch,
+    mezo_reference_step,
+    side_by_side,
+)
 
 KEYS = {"name", "method", "model_shape", "params", "batch_size", "seq_len", "device", "ratio", "target", "medians"}
 
@@ -31,6 +41,37 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
     for r in ours_over_opacus:
         assert r["ratio"] == r["medians"]["dpsgd_step"] / r["medians"]["opacus_step"] and r["target"] == 1.0
     assert "zo_step_over_two_forwards" in format_table(records)
+
+
+def test_each_repeat_runs_the_functions_in_a_rotated_order():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    medians, times = side_by_side(fns, repeats=3, device="cpu", warmed=("b",))
+    assert calls == ["a", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-ups, then three rotations
+    assert set(medians) == set(times) == set("abc") and all(len(t) == 3 for t in times.values())
+
+
+def test_mezo_reference_is_a_step_that_restores_its_perturbations():
+    model = build("opt-tiny", "cpu")
+    data = make_batch(model, 2, 8, "cpu")
+    start = [p.detach().clone() for p in model.parameters()]
+    mezo_reference_step(model, data, seed=3, lr=0.0)  # +φz, -2φz, +φz: back where it started
+    for p, p0 in zip(model.parameters(), start):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=1e-6)
+    mezo_reference_step(model, data, seed=3, lr=1.0)
+    assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), start))
+
+
+def test_opacus_runs_in_both_modes_and_is_skipped_where_it_would_not_fit(monkeypatch):
+    pytest.importorskip("opacus")
+    import dpft.bench.run as bench
+
+    records = bench_dpsgd("roberta-tiny", batch=2, length=8, device="cpu", repeats=1)
+    assert {r["method"] for r in records if r["name"] == "dpsgd_step_over_opacus"} == {"dpsgd_full", "dpsgd_lora"}
+    monkeypatch.setattr(bench, "_free_memory", lambda device: 1024.0)
+    records = bench_dpsgd("roberta-tiny", batch=2, length=8, device="cpu", repeats=1)
+    skipped = [r for r in records if r["name"] == "opacus_step_over_nonprivate"]
+    assert len(skipped) == 2 and all(r["ratio"] is None and "per-sample gradients" in r["error"] for r in skipped)
 
 
 def test_cli_writes_bench_json(tmp_path, monkeypatch):

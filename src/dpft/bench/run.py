@@ -72,30 +72,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each function, run interleaved after one warm-up call each."""
+def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str,
+                 warmed: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds of each function, and every timing, after one warm-up call each (`warmed`: already
+    called). Repeat r runs the functions in an order rotated by r, so none always runs first or after the
+    same neighbour (allocator and cache state left by the previous call hit each one alike)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    for key, fn in fns.items():
+        if key not in warmed:
+            fn()
+    keys = list(fns)
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             _sync(device)
             start = time.perf_counter()
-            fn()
+            fns[key]()
             _sync(device)
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, times
 
 
-def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1e-3, lr: float = 1e-6) -> None:
-    """The public MeZO code's step: global reseeding, four regenerations of z, out-of-place updates of
-    `param.data` (outside inference mode, as there: weights made under it could not be updated in place
-    afterwards), forwards under `torch.inference_mode()`."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1e-3, lr: float = 1e-6,
+                        weight_decay: float = 0.0) -> None:
+    """The public MeZO code's step (its `zo_step` + `zo_update`): global reseeding, four regenerations of z,
+    out-of-place updates of `param.data` (outside inference mode, as there: weights made under it could not be
+    updated in place afterwards), the decay term written out for weights but not biases or layer norms,
+    forwards under `torch.inference_mode()`."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def perturb(scale: float) -> None:
         torch.manual_seed(seed)
-        for p in params:
+        for _, p in params:
             z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
             p.data = p.data + scale * z * eps
 
@@ -108,12 +115,15 @@ def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1
         loss1 = forward()
         perturb(-2)
         loss2 = forward()
-        perturb(1)
         grad = float((loss1 - loss2) / (2 * eps))
+        perturb(1)
         torch.manual_seed(seed)
-        for p in params:
+        for name, p in params:
             z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
-            p.data = p.data - lr * grad * z
+            if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
+                p.data = p.data - lr * (grad * z + weight_decay * p.data)
+            else:
+                p.data = p.data - lr * (grad * z)
 
 
 def zo_optimizer(model: nn.Module, method: str, batch_size: int) -> ZerothOrderSGD:
@@ -127,6 +137,7 @@ def zo_optimizer(model: nn.Module, method: str, batch_size: int) -> ZerothOrderS
 # --- measurements --------------------------------------------------------------------------------
 def record(name: str, method: str, shape: str, params: int, batch: int, length: int, device: str,
            medians: dict[str, float], numerator: str, denominator: str, **extra: Any) -> dict[str, Any]:
+    """One measurement; `extra` may carry `times` (every timing of each function the medians come from)."""
     ratio = medians[numerator] / medians[denominator]
     return {"name": name, "method": method, "model_shape": shape, "params": params, "batch_size": batch,
             "seq_len": length, "device": device, "ratio": ratio, "target": TARGETS.get(name),
@@ -148,13 +159,13 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
     for method, opt in optimizers.items():
         fns[f"{method}_step"] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
     fns["mezo_reference_step"] = lambda: mezo_reference_step(model, data, seed=1)
-    medians = side_by_side(fns, repeats, device)
-    out = [record("zo_step_over_two_forwards", m, shape, params, batch, length, device, medians, f"{m}_step",
-                  "two_forwards") for m in optimizers]
-    out.append(record("zo_step_over_mezo_reference", "mezo", shape, params, batch, length, device, medians,
-                      "mezo_step", "mezo_reference_step"))
-    out.append({**record("zo_seconds_per_step", "mezo", shape, params, batch, length, device, medians,
-                         "mezo_step", "two_forwards"), "ratio": medians["mezo_step"] / (params / 1e8)})
+    medians, times = side_by_side(fns, repeats, device)
+    point = (shape, params, batch, length, device, medians)
+    out = [record("zo_step_over_two_forwards", m, *point, f"{m}_step", "two_forwards", times=times)
+           for m in optimizers]
+    out.append(record("zo_step_over_mezo_reference", "mezo", *point, "mezo_step", "mezo_reference_step", times=times))
+    out.append({**record("zo_seconds_per_step", "mezo", *point, "mezo_step", "two_forwards", times=times),
+                "ratio": medians["mezo_step"] / (params / 1e8)})
     return out
 
 
@@ -197,34 +208,51 @@ def bench_dpsgd(shape: str, batch: int, length: int, device: str, repeats: int) 
     return [r for mode in ("full", "lora") for r in _bench_dpsgd_mode(shape, mode, batch, length, device, repeats)]
 
 
+def dp_model(shape: str, mode: str, device: str) -> nn.Module:
+    """A fresh model for one contender: full (all but embeddings) or LoRA r=8 trainable, in training mode with
+    dropout off (so each step computes what inference does, and Opacus, which records only modules in
+    training mode, sees every layer). The LM head's output bias (RoBERTa's, tied to its decoder) stays frozen:
+    Opacus cannot hook a parameter that a module owns beside a Linear that uses it."""
+    from dpft.models.peft import apply_peft, select_trainable
+
+    peft_cfg = OmegaConf.create({"mode": "lora" if mode == "lora" else "none", "r": 8, "alpha": 16})
+    model = select_trainable(apply_peft(build(shape, device), peft_cfg), "no_embeddings" if mode == "full" else "all")
+    head_bias = getattr(getattr(model, "lm_head", None), "bias", None)
+    if isinstance(head_bias, nn.Parameter):
+        head_bias.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model.train()
+
+
 def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: str,
                       repeats: int) -> list[dict[str, Any]]:
+    """Non-private AdamW, our DP-AdamW and Opacus's, each on its own copy of the model (so hooks and memory
+    layout are each one's own), on the same batch."""
     from dpft.methods.dp_first_order import DPOptimizer
-    from dpft.models.peft import apply_peft, select_trainable
     from dpft.privacy.noise import NoiseSource
     from dpft.privacy.per_example import PerExampleGradients
 
-    out = []
-    model = build(shape, device)
-    peft_cfg = OmegaConf.create({"mode": "lora" if mode == "lora" else "none", "r": 8, "alpha": 16})
-    model = select_trainable(apply_peft(model, peft_cfg), "no_embeddings" if mode == "full" else "all")
-    params = [p for p in model.parameters() if p.requires_grad]
-    data = make_batch(model, batch, length, device)
+    plain, ours = dp_model(shape, mode, device), dp_model(shape, mode, device)
+    data = make_batch(plain, batch, length, device)
+    plain_adam = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-5)
+    params = [p for p in ours.parameters() if p.requires_grad]
     adam = torch.optim.AdamW(params, lr=1e-5)
-    per_example = PerExampleGradients(model, params)
+    per_example = PerExampleGradients(ours, params)
     dp = DPOptimizer(per_example, params, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                      noise=NoiseSource("gaussian", 0, device))
 
     def nonprivate() -> None:
-        adam.zero_grad(set_to_none=True)
-        per_example_loss(model, data).mean().backward()
-        adam.step()
+        plain_adam.zero_grad(set_to_none=True)
+        per_example_loss(plain, data).mean().backward()
+        plain_adam.step()
 
     def private() -> None:
         adam.zero_grad(set_to_none=True)
         with per_example.capture(batch):
-            losses = per_example_loss(model, data)
-        losses.sum().backward()
+            losses = per_example_loss(ours, data)
+        losses.sum().backward(inputs=per_example.backward_inputs())
         dp.pre_step(empty=False)
         adam.step()
 
@@ -234,36 +262,46 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
         opacus_fn, opacus_error = _opacus_step(shape, mode, batch, data, device)
         if opacus_fn is not None:
             fns["opacus_step"] = opacus_fn
-    medians = side_by_side(fns, repeats, device)
-    n = sum(p.numel() for p in model.parameters())
-    out.append(record("dpsgd_step_over_nonprivate", f"dpsgd_{mode}", shape, n, batch, length, device, medians,
-                      "dpsgd_step", "nonprivate_step"))
+    medians, times = side_by_side(fns, repeats, device, warmed=("opacus_step",))
+    point = (shape, sum(p.numel() for p in ours.parameters()), batch, length, device, medians)
+    trainable = sum(p.numel() for p in params)
+    out = [record("dpsgd_step_over_nonprivate", f"dpsgd_{mode}", *point, "dpsgd_step", "nonprivate_step",
+                  times=times, trainable=trainable)]
     if "opacus_step" in medians:
-        out.append(record("opacus_step_over_nonprivate", f"opacus_{mode}", shape, n, batch, length, device,
-                          medians, "opacus_step", "nonprivate_step"))
-        out.append(record("dpsgd_step_over_opacus", f"dpsgd_{mode}", shape, n, batch, length, device,
-                          medians, "dpsgd_step", "opacus_step"))
+        out.append(record("opacus_step_over_nonprivate", f"opacus_{mode}", *point, "opacus_step", "nonprivate_step",
+                          times=times, trainable=trainable))
+        out.append(record("dpsgd_step_over_opacus", f"dpsgd_{mode}", *point, "dpsgd_step", "opacus_step",
+                          times=times, trainable=trainable))
     elif opacus_error:
         out.append({"name": "opacus_step_over_nonprivate", "method": f"opacus_{mode}", "model_shape": shape,
-                    "params": n, "batch_size": batch, "seq_len": length, "device": device, "ratio": None,
-                    "target": None, "medians": {}, "error": opacus_error})
+                    "params": point[1], "batch_size": batch, "seq_len": length, "device": device, "ratio": None,
+                    "target": None, "medians": {}, "error": opacus_error, "trainable": trainable})
     per_example.remove()
     return out
 
 
+def _free_memory(device: str) -> float:
+    if device.startswith("cuda"):
+        return float(torch.cuda.mem_get_info()[0])
+    status = Path("/proc/meminfo").read_text()
+    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("MemAvailable"))) * 1024
+
+
 def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
-    """Opacus's hook-based per-sample gradients + DPOptimizer on its own copy of the model."""
+    """Opacus's hook-based per-sample gradients + DPOptimizer on its own copy of the model; run once here
+    (the warm-up), or the reason it cannot run."""
     try:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
 
-        from dpft.models.peft import apply_peft, select_trainable
-
-        model = build(shape, device)
-        peft_cfg = OmegaConf.create({"mode": "lora" if mode == "lora" else "none", "r": 8, "alpha": 16})
-        model = select_trainable(apply_peft(model, peft_cfg), "no_embeddings" if mode == "full" else "all")
+        model = dp_model(shape, mode, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Opacus stores every example's gradient of every trainable weight (grad_sample) at once
+        need = batch * sum(p.numel() * p.element_size() for p in params)
+        if need > _free_memory(device) / 2:
+            return None, (f"skipped: Opacus would hold {need / 2**30:.1f} GiB of per-sample gradients "
+                          f"(batch {batch} × the trainable weights), over half the free memory")
         gsm = GradSampleModule(model)
-        params = [p for p in gsm.parameters() if p.requires_grad]
         opt = OpacusDPOptimizer(torch.optim.AdamW(params, lr=1e-5), noise_multiplier=1.0, max_grad_norm=1.0,
                                 expected_batch_size=batch)
 
@@ -316,8 +354,8 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2)
     model = build(shape, "cpu")
     data = make_batch(model, batch, length, "cpu")
     opt = zo_optimizer(model, "dpzo", batch)
-    single = side_by_side({"one_process_step": lambda: opt.step(lambda: per_example_loss(model, data))}, repeats,
-                          "cpu")
+    single, _ = side_by_side({"one_process_step": lambda: opt.step(lambda: per_example_loss(model, data))},
+                             repeats, "cpu")
     with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
