@@ -87,6 +87,7 @@ class DPOptimizer:
             self.zero_sum()
         else:
             self.clip_and_accumulate()
+            self.per_example.release()  # the activations are not needed past the clipped sum
         self.add_noise()
         self.reduce()
         self.scale_grad()

@@ -84,11 +84,15 @@ class PerExampleGradients:
     # --- capture --------------------------------------------------------------------------------
     def capture(self, batch_size: int) -> PerExampleGradients:
         self.batch_size = batch_size
+        self.release()
+        return self
+
+    def release(self) -> None:
+        """Drop what the last capture holds (activations, output gradients), once the step has used it."""
         self._acts.clear()
         self._grads.clear()
         self._outputs.clear()
         self._dropped = None
-        return self
 
     def drop(self, examples: torch.Tensor) -> None:
         """Exclude examples (bool [B]) from norms and sums, e.g. those whose loss or gradient is not finite."""
