@@ -35,6 +35,8 @@ BEFORE_DATA = [
     (["model=minilm-l6", "task=sst2-k16", "model.head_init=zeros"], "model.head_init='zeros' is not one of"),
     (["model.dtype=float8"], "model.dtype='float8' is not one of"),
     (["method=mezo", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot run a zeroth-order step"),
+    (["method=dpsgd", "privacy=eps2", "trainer.precision=16-mixed"], "would be clipped at method.clip / scale"),
+    (["method=anadp", "privacy=eps2", "trainer.precision=16-mixed"], "scales the loss for a GradScaler"),
     (["method=dpzo", "privacy=eps2", "privacy.target_epsilon=0"], "privacy.target_epsilon=0 is invalid"),
     (["method=dpzo", "privacy=eps2", "privacy.target_epsilon=inf"], "privacy.target_epsilon=inf is invalid"),
     (["method=dpzo", "privacy=eps2", "privacy.target_delta=0"], "privacy.target_delta=0 is invalid: must be in (0, 1)"),

@@ -26,6 +26,8 @@ from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
 PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
 # trainer precisions under which a ZO step can run (a GradScaler needs gradients: no 16-mixed)
 ZO_PRECISIONS = ("32-true", "32", "bf16-true", "16-true", "64-true", "64")
+# precisions whose GradScaler multiplies the loss (hooks would see scaled per-example gradients)
+LOSS_SCALING = ("16-mixed", "16")
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,10 @@ def validate_config(cfg: DictConfig) -> bool:
     if "eps" in m and str(cfg.trainer.get("precision")) not in ZO_PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} cannot run a zeroth-order step (mixed precision "
                           f"scales gradients, and there are none): use one of {ZO_PRECISIONS}")
+    if str(m.get("_target_", "")).endswith("DPFirstOrder") and str(cfg.trainer.get("precision")) in LOSS_SCALING:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision} scales the loss for a GradScaler, so the "
+                          f"per-example gradients would be clipped at method.clip / scale: use bf16-mixed, "
+                          f"bf16-true or 32-true")
     check_devices(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
