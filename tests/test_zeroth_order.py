@@ -166,12 +166,15 @@ def test_per_parameter_seeding_is_independent_of_parameter_order():
     assert all(torch.equal(straight[n], permuted[n]) for n in names)
 
 
-@pytest.mark.parametrize("chunk", [4, 1 << 20], ids=["many_chunks", "one_chunk"])
-def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk):
-    """z is drawn and applied a chunk at a time (split over threads); with chunks of 4 entries the step still
-    is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η g z on the masked coordinates, the others untouched, with z the
-    parameter's whole direction (`_z`), whose entries are standard normal."""
+@pytest.mark.parametrize("chunk,parallel_min", [(4, 0), (1 << 20, 1 << 22)], ids=["many_chunks_threads",
+                                                                               "one_chunk_serial"])
+def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk, parallel_min):
+    """z is drawn and applied a chunk at a time (split over threads, or in the caller's thread for a model this
+    small); with chunks of 4 entries the step still is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η g z on the masked
+    coordinates, the others untouched, with z the parameter's whole direction (`_z`), whose entries are
+    standard normal."""
     monkeypatch.setattr(zeroth_order, "Z_CHUNK", chunk)
+    monkeypatch.setattr(zeroth_order, "Z_PARALLEL_MIN", parallel_min)
     model = _model()
     params = list(model.parameters())
     masks = [torch.tensor([0, 3, 4, 7, 9, 10, 11, 13, 14, 21, 29]), None, None, torch.tensor([1, 2])]
@@ -183,6 +186,7 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
     opt.step(_closure(model, x, y))  # the first step sets θ_ref = θ_0; the second is checked
     before = [p.detach().clone().view(-1) for p in params]
     opt.step(_closure(model, x, y))
+    assert (opt._pool is not None) == (parallel_min == 0 and torch.get_num_threads() > 1)
     g, seed = opt.state["zo"]["projected_grads"][0], opt.step_seed(1)
     for i, p in enumerate(params):
         z = opt._z(p, i, seed).view(-1)

@@ -48,6 +48,8 @@ CLIP_TARGETS = ("difference", "normalized")
 # weights); on accelerators bigger chunks mean fewer kernel launches (their RNG streams differ from the CPU's
 # anyway, so the chunk size costs no reproducibility across device types)
 Z_CHUNK, Z_CHUNK_ACCELERATOR = 1 << 20, 1 << 24
+# below this many entries in all, threads cost more than they save (a tiny model's z takes microseconds)
+Z_PARALLEL_MIN = 1 << 22
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -182,7 +184,9 @@ class ZerothOrderSGD(Optimizer):
         and each chunk's z comes from its own seed, so the result does not depend on the scheduling."""
         items = [(i, group, p, c, part) for i, group, p in self._params()
                  for c, part in enumerate(self._parts(p, i))]
-        if len(items) > 1 and all(p.device.type == "cpu" for _, _, p, _, _ in items) and torch.get_num_threads() > 1:
+        entries = sum(part.stop - part.start for *_, part in items)
+        if (len(items) > 1 and entries >= Z_PARALLEL_MIN and torch.get_num_threads() > 1
+                and all(p.device.type == "cpu" for _, _, p, _, _ in items)):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(torch.get_num_threads())
             for future in [self._pool.submit(fn, *item) for item in items]:
