@@ -243,18 +243,20 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
     dp = DPOptimizer(per_example, params, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                      noise=NoiseSource("gaussian", 0, device))
 
+    # each step frees its gradients when done (as Opacus's per-sample ones are, below), so no contender's memory
+    # stays resident while another one runs
     def nonprivate() -> None:
-        plain_adam.zero_grad(set_to_none=True)
         per_example_loss(plain, data).mean().backward()
         plain_adam.step()
+        plain_adam.zero_grad(set_to_none=True)
 
     def private() -> None:
-        adam.zero_grad(set_to_none=True)
         with per_example.capture(batch):
             losses = per_example_loss(ours, data)
         losses.sum().backward(inputs=per_example.backward_inputs())
         dp.pre_step(empty=False)
         adam.step()
+        adam.zero_grad(set_to_none=True)
 
     fns = {"nonprivate_step": nonprivate, "dpsgd_step": private}
     opacus_error = None
@@ -306,9 +308,9 @@ def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
                                 expected_batch_size=batch)
 
         def step() -> None:
-            opt.zero_grad(set_to_none=True)
             per_example_loss(gsm, data).sum().backward()
             opt.step()
+            opt.zero_grad(set_to_none=True)  # frees the per-sample gradients (batch × the trainable weights)
 
         step()
         return step, None
