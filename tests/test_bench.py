@@ -16,6 +16,7 @@ from dpft.bench.run import (
     make_batch,
     mezo_reference_step,
     side_by_side,
+    timing_range,
 )
 
 KEYS = {"name", "method", "model_shape", "params", "batch_size", "seq_len", "device", "ratio", "target", "medians"}
@@ -49,6 +50,15 @@ def test_each_repeat_runs_the_functions_in_a_rotated_order():
     medians, times = side_by_side(fns, repeats=3, device="cpu", warmed=("b",))
     assert calls == ["a", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-ups, then three rotations
     assert set(medians) == set(times) == set("abc") and all(len(t) == 3 for t in times.values())
+
+
+def test_timing_range_is_the_wider_relative_spread_of_the_two_sides():
+    record = {"numerator": "a", "denominator": "b", "times": {"a": [1.0, 2.0, 3.0], "b": [2.0, 2.2, 2.0]}}
+    assert timing_range(record) == pytest.approx(1.0)  # (3 - 1) / 2
+    assert timing_range({"medians": {}}) is None  # memory records have no timings
+    assert "| timing range |" in format_table([{**record, "name": "x", "method": "m", "model_shape": "s",
+                                                "batch_size": 1, "seq_len": 1, "device": "cpu", "ratio": 1.0,
+                                                "target": None}])
 
 
 def test_mezo_reference_is_a_step_that_restores_its_perturbations():

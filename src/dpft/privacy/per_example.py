@@ -12,8 +12,8 @@ The backward runs to the hooked layers' outputs only (`loss.backward(inputs=back
 gives every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
 fine-tuning backward costs its input gradients alone; `p.grad` stays None until the noise is added).
 
-Why not Opacus: its hooks fail on OPT (and BERT's embeddings) under transformers 5 here, and its
-ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
+Why not Opacus: its hooks fail on OPT full fine-tuning (and BERT's embeddings) under transformers 5
+here, and its ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
 B × |θ| gradients and HF models are not all vmap-safe. This implementation needs only per-layer
 rules, and is checked against a one-example-at-a-time loop in the tests.
 
