@@ -180,8 +180,9 @@ class ZerothOrderSGD(Optimizer):
 
     def _for_each_chunk(self, fn: Callable[[int, dict, torch.Tensor, int, slice], None]) -> None:
         """Run fn(index, group, p, c, part) on every chunk c of every parameter. On CPU, from Z_PARALLEL_MIN
-        entries in all, chunks are spread over threads: generating z is the cost of a ZO step beyond its forwards, randn runs on one core,
-        and each chunk's z comes from its own seed, so the result does not depend on the scheduling."""
+        entries in all, chunks are spread over threads: generating z is the cost of a ZO step beyond its
+        forwards, randn runs on one core, and each chunk's z comes from its own seed, so the result does not
+        depend on the scheduling."""
         items = [(i, group, p, c, part) for i, group, p in self._params()
                  for c, part in enumerate(self._parts(p, i))]
         entries = sum(part.stop - part.start for *_, part in items)
