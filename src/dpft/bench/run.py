@@ -180,8 +180,13 @@ def peak_memory(fn: Callable[[], Any], device: str) -> float:
         return float(torch.cuda.max_memory_allocated())
     Path("/proc/self/clear_refs").write_text("5")
     fn()
-    status = Path("/proc/self/status").read_text()
-    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
+def _proc_bytes(path: str, field: str) -> float:
+    """A `field: N kB` line of a /proc file, in bytes."""
+    return float(next(line.split()[1] for line in Path(path).read_text().splitlines()
+                      if line.startswith(field + ":"))) * 1024
 
 
 def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, Any]:
@@ -283,8 +288,7 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
 def _free_memory(device: str) -> float:
     if device.startswith("cuda"):
         return float(torch.cuda.mem_get_info()[0])
-    status = Path("/proc/meminfo").read_text()
-    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("MemAvailable"))) * 1024
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
