@@ -14,7 +14,9 @@ from dpft.bench.run import (
     format_table,
     main,
     make_batch,
+    mezo_reference_loss,
     mezo_reference_step,
+    per_example_loss,
     side_by_side,
     timing_range,
 )
@@ -26,8 +28,8 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
     records = bench_zo("opt-tiny", batch=2, length=8, device="cpu", repeats=1)
     records += bench_dpsgd("roberta-tiny", batch=2, length=8, device="cpu", repeats=1)
     names = {r["name"] for r in records}
-    assert {"zo_step_over_two_forwards", "zo_step_over_mezo_reference", "zo_seconds_per_step",
-            "dpsgd_step_over_nonprivate", "opacus_step_over_nonprivate"} <= names
+    assert {"zo_step_over_two_forwards", "zo_step_over_mezo_reference", "zo_step_over_mezo_reference_same_loss",
+            "zo_seconds_per_step", "dpsgd_step_over_nonprivate", "opacus_step_over_nonprivate"} <= names
     for r in records:
         assert KEYS <= set(r)
         if r["ratio"] is not None:
@@ -59,6 +61,17 @@ def test_timing_range_is_the_wider_relative_spread_of_the_two_sides():
     assert "| timing range |" in format_table([{**record, "name": "x", "method": "m", "model_shape": "s",
                                                 "batch_size": 1, "seq_len": 1, "device": "cpu", "ratio": 1.0,
                                                 "target": None}])
+
+
+@pytest.mark.parametrize("shape", ["opt-tiny", "roberta-tiny"])
+def test_the_reference_computes_the_same_loss_from_every_position(shape):
+    """The reference differs from our step in how it gets the loss, not in the loss."""
+    model = build(shape, "cpu")
+    data = make_batch(model, 3, 10, "cpu")
+    with torch.no_grad():
+        ours, reference = per_example_loss(model, data), mezo_reference_loss(model, data)
+    assert ours.shape == (3,) and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_mezo_reference_is_a_step_that_restores_its_perturbations():
@@ -102,7 +115,8 @@ def test_a_part_of_the_grid_measures_only_its_points(tmp_path):
     records = json.loads(out.read_text())
     assert {(r["model_shape"], r["batch_size"], r["seq_len"]) for r in records} == {("opt-tiny", 2, 8), ("opt-tiny", 4, 8)}
     assert {r["name"] for r in records} == {"zo_step_over_two_forwards", "zo_step_over_mezo_reference",
-                                            "zo_seconds_per_step", "zo_peak_memory_over_inference"}
+                                            "zo_step_over_mezo_reference_same_loss", "zo_seconds_per_step",
+                                            "zo_peak_memory_over_inference"}
     with pytest.raises(SystemExit):
         main(["--quick", "--shapes", "opt-tiny", "--out", str(out)])
 

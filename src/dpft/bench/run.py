@@ -7,14 +7,17 @@
 Ratios (`name` in bench.json):
 - zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
 - zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (separate processes on CPU)
-- zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it
+- zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it (its loss:
+                                  logits at every position, where ours computes the output layer at the label's)
+- zo_step_over_mezo_reference_same_loss   the same with our loss in the reference: what the update alone gains
 - dpsgd_step_over_nonprivate      our DP-AdamW step (full / LoRA) over a non-private AdamW step
 - opacus_step_over_nonprivate     Opacus's hook-based DP step over the same non-private step (or why it did not run)
 - dpsgd_step_over_opacus          our DP step over Opacus's, same batch and run (target 1.0: at or below Opacus)
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
 - ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
 Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
-Random weights of the real shapes: speed does not depend on the values.
+Random weights of the real shapes: speed does not depend on the values. Every step computes the suite's
+classification loss: cross-entropy over two label words at one position per example.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from dpft.config import CONFIG_DIR
 from dpft.methods.zeroth_order import GradientEstimator, PrivateEstimator, ZerothOrderSGD
 from dpft.models.loading import load_model
+from dpft.models.scoring import logits_at
 
 TARGETS = {"zo_step_over_two_forwards": 1.15, "zo_peak_memory_over_inference": 1.05,
            "zo_step_over_mezo_reference": 0.8, "dpsgd_step_over_nonprivate": 1.5, "dpsgd_step_over_opacus": 1.0}
@@ -49,21 +53,37 @@ def build(shape: str, device: str) -> nn.Module:
     return load_model(cfg).to(device).eval()
 
 
+LABEL_WORDS = [1000, 2000]  # two label words, as in the suite's binary tasks
+
+
 def make_batch(model: nn.Module, batch: int, length: int, device: str) -> dict[str, torch.Tensor]:
+    """Random token ids and labels; the label word is read at the last token (OPT, the MeZO prompts) or at a
+    mask in the middle (RoBERTa, LM-BFF)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (batch, length), generator=gen)
+    at = length - 1 if model.config.model_type == "opt" else length // 2
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "causal": model.config.model_type == "opt"}
+            "at": torch.full((batch, 1), at, device=device),
+            "labels": torch.randint(0, len(LABEL_WORDS), (batch,), generator=gen).to(device)}
 
 
-def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token (causal) or same-token (masked) cross-entropy, averaged per example."""
+def _label_word_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the label words' log-likelihoods ([B, V] logits at the label position)."""
+    return F.cross_entropy(torch.log_softmax(logits.float(), -1)[:, LABEL_WORDS], labels, reduction="none")
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Module | None = None) -> torch.Tensor:
+    """The suite's classification loss, per example: the output layer (`head`, for wrapped models) only at the
+    label position, as the scorers compute it in training."""
+    return _label_word_losses(logits_at(model, batch, batch["at"], head)[:, 0], batch["labels"])
+
+
+def mezo_reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same loss the way the public MeZO code computes it: logits and log-softmax at every position,
+    then the label position picked out."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["input_ids"]
-    if batch["causal"]:
-        logits, targets = logits[:, :-1], targets[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return loss.view(targets.shape).mean(1)
+    logp = torch.log_softmax(logits.float(), -1)
+    return _label_word_losses(logp[torch.arange(logp.shape[0]), batch["at"][:, 0]], batch["labels"])
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -93,11 +113,11 @@ def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str,
 
 
 def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1e-3, lr: float = 1e-6,
-                        weight_decay: float = 0.0) -> None:
+                        weight_decay: float = 0.0, loss_fn: Callable = mezo_reference_loss) -> None:
     """The public MeZO code's step (its `zo_step` + `zo_update`): global reseeding, four regenerations of z,
     out-of-place updates of `param.data` (outside inference mode, as there: weights made under it could not be
     updated in place afterwards), the decay term written out for weights but not biases or layer norms,
-    forwards under `torch.inference_mode()`."""
+    forwards under `torch.inference_mode()`, its loss (`mezo_reference_loss`) unless `loss_fn` says."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def perturb(scale: float) -> None:
@@ -108,7 +128,7 @@ def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1
 
     def forward() -> torch.Tensor:
         with torch.inference_mode():
-            return per_example_loss(model, batch).mean()
+            return loss_fn(model, batch).mean()
 
     with torch.no_grad():
         perturb(1)
@@ -159,11 +179,15 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
     for method, opt in optimizers.items():
         fns[f"{method}_step"] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
     fns["mezo_reference_step"] = lambda: mezo_reference_step(model, data, seed=1)
+    fns["mezo_reference_step_our_loss"] = lambda: mezo_reference_step(model, data, seed=1, loss_fn=per_example_loss)
     medians, times = side_by_side(fns, repeats, device)
     point = (shape, params, batch, length, device, medians)
     out = [record("zo_step_over_two_forwards", m, *point, f"{m}_step", "two_forwards", times=times)
            for m in optimizers]
     out.append(record("zo_step_over_mezo_reference", "mezo", *point, "mezo_step", "mezo_reference_step", times=times))
+    # the part of that gain the update alone makes (the reference step with our loss)
+    out.append(record("zo_step_over_mezo_reference_same_loss", "mezo", *point, "mezo_step",
+                      "mezo_reference_step_our_loss", times=times))
     out.append({**record("zo_seconds_per_step", "mezo", *point, "mezo_step", "two_forwards", times=times),
                 "ratio": medians["mezo_step"] / (params / 1e8)})
     return out
@@ -310,7 +334,7 @@ def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
                                 expected_batch_size=batch)
 
         def step() -> None:
-            per_example_loss(gsm, data).sum().backward()
+            per_example_loss(gsm, data, head=model.get_output_embeddings()).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)  # frees the per-sample gradients (batch × the trainable weights)
 
