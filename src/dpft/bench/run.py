@@ -323,6 +323,10 @@ def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
         from opacus.optimizers import DPOptimizer as OpacusDPOptimizer
 
         model = dp_model(shape, mode, device)
+        if mode == "full" and model.config.model_type == "opt":
+            return None, ("not run: OPT's decoder flattens the tokens into the batch dimension before its MLP, so "
+                          "Opacus's hooks on fc1/fc2 take each of the batch × length tokens for an example (out of "
+                          "memory at OPT-125m, 'stack expects each tensor to be equal size' where it fits)")
         params = [p for p in model.parameters() if p.requires_grad]
         # Opacus stores every example's gradient of every trainable weight (grad_sample) at once
         need = batch * sum(p.numel() * p.element_size() for p in params)
