@@ -16,6 +16,7 @@ from dpft.bench.run import (
     make_batch,
     mezo_reference_loss,
     mezo_reference_step,
+    peak_memory,
     per_example_loss,
     side_by_side,
     timing_range,
@@ -112,17 +113,26 @@ def test_cli_writes_bench_json(tmp_path, monkeypatch):
 
 
 def test_a_part_of_the_grid_measures_only_its_points(tmp_path):
-    """`--only zo --shapes opt-tiny --lengths 8 --batches 2 4`: the ZO records of those two points, nothing else."""
+    """`--only zo memory --shapes opt-tiny --lengths 8 --batches 2 4`: the ZO records of those two points, nothing
+    else."""
     out = tmp_path / "bench.json"
-    main(["--only", "zo", "--shapes", "opt-tiny", "--lengths", "8", "--batches", "2", "4", "--out", str(out),
+    main(["--only", "zo", "memory", "--shapes", "opt-tiny", "--lengths", "8", "--batches", "2", "4", "--out", str(out),
           "--device", "cpu", "--repeats", "1"])
     records = json.loads(out.read_text())
     assert {(r["model_shape"], r["batch_size"], r["seq_len"]) for r in records} == {("opt-tiny", 2, 8), ("opt-tiny", 4, 8)}
     assert {r["name"] for r in records} == {"zo_step_over_two_forwards", "zo_step_over_mezo_reference",
                                             "zo_step_over_mezo_reference_same_loss", "zo_seconds_per_step",
                                             "zo_peak_memory_over_inference"}
+    memory = [r for r in records if r["name"] == "zo_peak_memory_over_inference"]
+    assert len(memory) == 2 and all(v > 0 for r in memory for v in r["medians"].values())
     with pytest.raises(SystemExit):
         main(["--quick", "--shapes", "opt-tiny", "--out", str(out)])
+
+
+def test_a_peak_is_measured_from_live_memory_not_from_an_earlier_peak():
+    big = peak_memory(lambda: torch.ones(2**26).sum(), "cpu")  # 256 MiB, freed when done
+    small = peak_memory(lambda: None, "cpu")
+    assert small < big - 200 * 2**20
 
 
 def test_ddp_scaling_record_runs_two_gloo_processes():

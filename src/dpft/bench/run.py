@@ -2,11 +2,11 @@
 
     dpft-bench --quick --out bench.json     # OPT-125m shape, batch 16, length 128 (a few minutes on CPU)
     dpft-bench --out bench.json             # shapes × lengths {64, 256} × batches {8, 32}
-    dpft-bench --only zo --lengths 64 --batches 8   # a part of the grid: the ZO records (and scaling) of 3 shapes
+    dpft-bench --only zo --lengths 64 --batches 8   # a part of the grid: the ZO timings (and scaling) of 3 shapes
 
 Ratios (`name` in bench.json):
 - zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
-- zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (separate processes on CPU)
+- zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (each in a fresh process)
 - zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it (its loss:
                                   logits at every position, where ours computes the output layer at the label's)
 - zo_step_over_mezo_reference_same_loss   the same with our loss in the reference: what the update alone gains
@@ -23,6 +23,8 @@ classification loss: cross-entropy over two label words at one position per exam
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import statistics
@@ -194,14 +196,17 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
 
 
 def peak_memory(fn: Callable[[], Any], device: str) -> float:
-    """Peak memory while `fn` runs: allocated bytes on GPU; on CPU the process's peak RSS (VmHWM),
-    reset before the call through /proc/self/clear_refs (Linux)."""
+    """Peak memory while `fn` runs: allocated bytes on GPU; on CPU the process's peak RSS (VmHWM), reset before
+    the call through /proc/self/clear_refs (Linux) once freed heap memory is handed back (`malloc_trim`), so
+    the peak starts from live memory and not from what an earlier call left cached."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated())
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     fn()
     return _proc_bytes("/proc/self/status", "VmHWM")
@@ -213,22 +218,34 @@ def _proc_bytes(path: str, field: str) -> float:
                       if line.startswith(field + ":"))) * 1024
 
 
-def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, Any]:
-    """Peak memory of a DP-ZO step over that of one forward pass on the same batch (weights included)."""
+def _peak_of(kind: str, shape: str, batch: int, length: int, device: str) -> float:
+    """In a fresh process: the model and batch, one warm-up call (lazy buffers), then the peak of a second
+    call of one forward (`inference`) or of a DP-ZO step (`zo_step`), weights included. On CPU every block
+    from 128 KiB up is its own mapping (glibc's mmap threshold fixed), so RSS follows live tensors: with the
+    threshold left to adapt, the same forward's peak varied by ±100 MB from process to process."""
+    if device == "cpu":
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     model = build(shape, device)
     data = make_batch(model, batch, length, device)
-    opt = zo_optimizer(model, "dpzo", batch)
+    if kind == "zo_step":
+        opt = zo_optimizer(model, "dpzo", batch)
+        fn = lambda: opt.step(lambda: per_example_loss(model, data))  # noqa: E731
+    else:
+        fn = torch.no_grad()(lambda: per_example_loss(model, data))
+    fn()
+    return peak_memory(fn, device)
 
-    def inference() -> None:
-        with torch.no_grad():
-            per_example_loss(model, data)
 
-    def zo_step() -> None:
-        opt.step(lambda: per_example_loss(model, data))
+def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, Any]:
+    """Peak memory of a DP-ZO step over that of one forward pass on the same batch, each in its own process
+    (so neither sees memory the other's buffers or caches hold)."""
+    import torch.multiprocessing as mp
 
-    inference(), zo_step()  # warm-up: allocator caches, lazy buffers
-    peaks = {"inference": peak_memory(inference, device), "zo_step": peak_memory(zo_step, device)}
-    params = sum(p.numel() for p in model.parameters())
+    peaks = {}
+    for kind in ("inference", "zo_step"):
+        with mp.get_context("spawn").Pool(1) as pool:
+            peaks[kind] = pool.apply(_peak_of, (kind, shape, batch, length, device))
+    params = sum(p.numel() for p in build(shape, "cpu").parameters())
     return record("zo_peak_memory_over_inference", "dpzo", shape, params, batch, length, device, peaks, "zo_step",
                   "inference", unit="bytes", measure="peak RSS (VmHWM)" if device == "cpu" else "peak allocated")
 
@@ -403,7 +420,7 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2)
 
 # --- entry point --------------------------------------------------------------------------------
 SHAPES, LENGTHS, BATCHES = ("opt-tiny", "opt-125m", "roberta-base"), (64, 256), (8, 32)
-PARTS = ("zo", "dpsgd", "ddp")
+PARTS = ("zo", "memory", "dpsgd", "ddp")
 
 
 def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES, lengths: tuple[int, ...] = LENGTHS,
@@ -418,6 +435,8 @@ def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES
     for shape, batch, length in points if "zo" in parts else []:
         print(f"[bench] zeroth-order {shape} batch={batch} len={length}", flush=True)
         records += bench_zo(shape, batch, length, device, repeats)
+    for shape, batch, length in points if "memory" in parts else []:
+        print(f"[bench] memory {shape} batch={batch} len={length}", flush=True)
         records.append(bench_memory(shape, batch, length, device))
     for shape, batch, length in dp_points if "dpsgd" in parts else []:
         print(f"[bench] DP-SGD {shape} batch={batch} len={length}", flush=True)
@@ -463,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), dest="parts",
-                        help="zo: the ZO ratios, memory and scaling; dpsgd: DP-SGD and Opacus; ddp: 2 processes vs 1")
+                        help="zo: the ZO ratios and scaling; memory: ZO peak memory over inference; dpsgd: DP-SGD and "
+                             "Opacus; ddp: 2 processes vs 1")
     args = parser.parse_args(argv)
     if args.quick and (args.shapes, args.lengths, args.batches) != (list(SHAPES), list(LENGTHS), list(BATCHES)):
         parser.error("--quick measures its one point; --shapes/--lengths/--batches choose points of the full grid")
