@@ -1,4 +1,4 @@
-"""`dpft-bench`: speed and memory ratios, each measured side by side in one process on the same batch.
+"""`dpft-bench`: speed ratios, each measured side by side in one process on the same batch, and memory ratios.
 
     dpft-bench --quick --out bench.json     # OPT-125m shape, batch 16, length 128 (a few minutes on CPU)
     dpft-bench --out bench.json             # shapes × lengths {64, 256} × batches {8, 32}
@@ -218,11 +218,12 @@ def _proc_bytes(path: str, field: str) -> float:
                       if line.startswith(field + ":"))) * 1024
 
 
-def _peak_of(kind: str, shape: str, batch: int, length: int, device: str) -> float:
+def _peak_of(kind: str, shape: str, batch: int, length: int, device: str) -> tuple[float, int]:
     """In a fresh process: the model and batch, one warm-up call (lazy buffers), then the peak of a second
     call of one forward (`inference`) or of a DP-ZO step (`zo_step`), weights included. On CPU every block
     from 128 KiB up is its own mapping (glibc's mmap threshold fixed), so RSS follows live tensors: with the
-    threshold left to adapt, the same forward's peak varied by ±100 MB from process to process."""
+    threshold left to adapt, the same forward's peak varied by ±100 MB from process to process. Returns (peak
+    bytes, parameter count)."""
     if device == "cpu":
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     model = build(shape, device)
@@ -233,7 +234,7 @@ def _peak_of(kind: str, shape: str, batch: int, length: int, device: str) -> flo
     else:
         fn = torch.no_grad()(lambda: per_example_loss(model, data))
     fn()
-    return peak_memory(fn, device)
+    return peak_memory(fn, device), sum(p.numel() for p in model.parameters())
 
 
 def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, Any]:
@@ -244,8 +245,7 @@ def bench_memory(shape: str, batch: int, length: int, device: str) -> dict[str, 
     peaks = {}
     for kind in ("inference", "zo_step"):
         with mp.get_context("spawn").Pool(1) as pool:
-            peaks[kind] = pool.apply(_peak_of, (kind, shape, batch, length, device))
-    params = sum(p.numel() for p in build(shape, "cpu").parameters())
+            peaks[kind], params = pool.apply(_peak_of, (kind, shape, batch, length, device))
     return record("zo_peak_memory_over_inference", "dpzo", shape, params, batch, length, device, peaks, "zo_step",
                   "inference", unit="bytes", measure="peak RSS (VmHWM)" if device == "cpu" else "peak allocated")
 
