@@ -209,7 +209,7 @@ class GradientRelease(Release):
         per_example = self.module.per_example
         with torch.enable_grad(), per_example.capture(len(batch["examples"])):
             losses = self.module.scorer.losses(self.module.model, batch)
-        torch.autograd.grad(losses.sum(), per_example.backward_inputs(), allow_unused=True)  # as training does
+        per_example.backward(losses.sum())  # as training does
 
     def contributions(self, batch: dict[str, Any]) -> torch.Tensor:
         self._capture(batch)

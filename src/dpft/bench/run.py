@@ -299,7 +299,7 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
     def private() -> None:
         with per_example.capture(batch):
             losses = per_example_loss(ours, data)
-        losses.sum().backward(inputs=per_example.backward_inputs())
+        per_example.backward(losses.sum())
         dp.pre_step(empty=False)
         adam.step()
         adam.zero_grad(set_to_none=True)

@@ -206,7 +206,7 @@ class DPFirstOrder(MethodModule):
             bad = ~torch.isfinite(losses.detach())
             self.per_example.drop(bad)
             self.dp.dropped += int(bad.sum())
-            self.manual_backward(torch.where(bad, 0.0, losses).sum(), inputs=self.per_example.backward_inputs())
+            self.per_example.backward(torch.where(bad, 0.0, losses).sum())  # no loss scaling: validation refuses it
             loss = losses.detach()[~bad].mean() if (~bad).any() else loss
         self.dp.pre_step(empty)
         optimizer.step()
