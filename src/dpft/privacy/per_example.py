@@ -12,7 +12,7 @@ Hooks record each supported layer's input a and output gradient g during one ord
 every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
 fine-tuning backward costs its input gradients alone; `p.grad` stays None until the noise is added).
 Not `loss.backward(inputs=outputs)` with tensor hooks: that also copies each g into the output's `.grad`,
-which at OPT-125m, 32 × 256 made the backward twice as slow (22.5 s against 11.0 s, dpft-bench's batch).
+which at OPT-125m, 32 × 256 made the backward twice as slow (22.5 s against 11.0–11.8 s, dpft-bench's batch).
 
 Why not Opacus: its hooks fail on OPT full fine-tuning (and BERT's embeddings) under transformers 5
 here, and its ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
