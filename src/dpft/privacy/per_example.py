@@ -1,7 +1,7 @@
 """Per-example gradient norms and clipped sums in one backward pass ("book-keeping").
 
-Hooks record each supported layer's input a and output gradient g during one ordinary backward of
-Σ_i ℓ_i. From them, per example i and layer:
+Forward hooks record each supported layer's input a, and one backward of Σ_i ℓ_i (`backward(loss)`) its
+output gradient g. From them, per example i and layer:
 
 - norms: Linear ‖Σ_t g_itᵀ a_it‖², either materialised (B·d_out·d_in) or by the ghost-norm identity
   Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·T²), whichever is smaller; LayerNorm and Embedding likewise;
