@@ -12,7 +12,7 @@ output gradient g. From them, per example i and layer:
 every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
 fine-tuning backward costs its input gradients alone; `p.grad` stays None until the noise is added).
 Not `loss.backward(inputs=outputs)` with tensor hooks: that also copies each g into the output's `.grad`,
-which at OPT-125m, 32 × 256 made the backward twice as slow (22.5 s against 11.0–11.8 s, dpft-bench's batch).
+which at OPT-125m, 32 × 256 made the backward twice as slow (22.5–22.7 s against 11.0–11.8 s, dpft-bench's batch).
 
 Why not Opacus: its hooks fail on OPT full fine-tuning (and BERT's embeddings) under transformers 5
 here, and its ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
@@ -122,7 +122,7 @@ class PerExampleGradients:
         modules = list(self._outputs)
         grads = torch.autograd.grad(loss, [self._outputs[m] for m in modules], allow_unused=True)
         self._outputs.clear()  # the graph is freed; only g is needed now
-        self._grads = {m: g.detach() for m, g in zip(modules, grads) if g is not None}
+        self._grads = {m: g for m, g in zip(modules, grads) if g is not None}
 
     # --- per-layer rules --------------------------------------------------------------------------
     def _pairs(self):
