@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from dpft.bench.run import (
     bench_zo,
     build,
     format_table,
+    keep_freed_memory,
     main,
     make_batch,
     mezo_reference_loss,
@@ -110,6 +113,8 @@ def test_cli_writes_bench_json(tmp_path, monkeypatch):
     main(["--quick", "--out", str(out), "--device", "cpu", "--repeats", "1"])
     records = json.loads(out.read_text())
     assert records and all(KEYS <= set(r) for r in records)
+    assert records[0]["environment"]["allocator"] == ("freed memory kept" if sys.platform.startswith("linux")
+                                                      else "glibc default")
 
 
 def test_a_part_of_the_grid_measures_only_its_points(tmp_path):
@@ -133,6 +138,32 @@ def test_a_peak_is_measured_from_live_memory_not_from_an_earlier_peak():
     big = peak_memory(lambda: torch.ones(2**26).sum(), "cpu")  # 256 MiB, freed when done
     small = peak_memory(lambda: None, "cpu")
     assert small < big - 200 * 2**20
+
+
+# how much of a freed 64 MiB tensor stays resident, in MiB (a fresh process each: the setting is process-wide);
+# glibc maps a block that big by itself and unmaps it when freed
+FREED = """
+import sys, torch
+from dpft.bench.run import keep_freed_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+rss = lambda: int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))) / 1024
+x = torch.ones(2**24)
+held = rss()
+del x
+print(round(64 - (held - rss())))
+"""
+
+
+def _kept_mib(mode: str) -> int:
+    return int(subprocess.run([sys.executable, "-c", FREED, mode], check=True, capture_output=True, text=True).stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+def test_freed_memory_stays_in_the_heap_for_the_next_contender():
+    assert abs(_kept_mib("default")) <= 2
+    assert abs(_kept_mib("kept") - 64) <= 2
+    assert keep_freed_memory()
 
 
 def test_ddp_scaling_record_runs_two_gloo_processes():

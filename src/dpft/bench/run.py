@@ -28,6 +28,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,41 @@ def mezo_reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
 
 
 # --- timing --------------------------------------------------------------------------------------
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # musl's mallopt does nothing
+
+
+def keep_freed_memory() -> bool:
+    """Freed blocks stay in glibc's heap for the next call instead of going back to the kernel; True if set.
+
+    Side by side, contenders alternate, and glibc sizes its heap to the last one: it maps blocks above an adaptive
+    threshold by themselves and hands back the heap's free top, so the contender that holds the most re-faults
+    its memory in after each smaller one. At OPT-125m 8 × 256 a DP step right after a non-private one faulted in
+    750 MB (6.9 GB at 32 × 256); run after itself, as in training, 35-89 MB. Both thresholds are fixed high
+    (setting one alone stops glibc adapting the other); each point starts from a trimmed heap (`release_heap`).
+    """
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_heap() -> None:
+    """Hand the heap's free memory back to the kernel (between points: one point's peak is not the next's)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -167,6 +203,7 @@ def record(name: str, method: str, shape: str, params: int, batch: int, length: 
 
 
 def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> list[dict[str, Any]]:
+    release_heap()
     model = build(shape, device)
     data = make_batch(model, batch, length, device)
     params = sum(p.numel() for p in model.parameters())
@@ -205,8 +242,7 @@ def peak_memory(fn: Callable[[], Any], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated())
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_heap()
     Path("/proc/self/clear_refs").write_text("5")
     fn()
     return _proc_bytes("/proc/self/status", "VmHWM")
@@ -279,6 +315,8 @@ def _bench_dpsgd_mode(shape: str, mode: str, batch: int, length: int, device: st
     from dpft.methods.dp_first_order import DPOptimizer
     from dpft.privacy.noise import NoiseSource
     from dpft.privacy.per_example import PerExampleGradients
+
+    release_heap()
 
     plain, ours = dp_model(shape, mode, device), dp_model(shape, mode, device)
     data = make_batch(plain, batch, length, device)
@@ -366,12 +404,15 @@ def _opacus_step(shape: str, mode: str, batch: int, data: dict, device: str):
 
 
 def _ddp_worker(rank: int, port: int, world: int, shape: str, batch: int, length: int, repeats: int,
-                out: str) -> None:
-    """One data-parallel process: its share of the batch, scalar all-reduce in the estimator."""
+                out: str, kept: bool) -> None:
+    """One data-parallel process: its share of the batch, scalar all-reduce in the estimator; the allocator set
+    as in the parent (`kept`: `keep_freed_memory()` was called)."""
     import os
 
     import torch.distributed as dist
 
+    if kept:
+        keep_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
@@ -392,7 +433,7 @@ def _ddp_worker(rank: int, port: int, world: int, shape: str, batch: int, length
     dist.destroy_process_group()
 
 
-def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2) -> dict[str, Any]:
+def bench_ddp(shape: str, batch: int, length: int, repeats: int, kept: bool = False, world: int = 2) -> dict[str, Any]:
     """Steps per second of data-parallel DP-ZO with `world` CPU processes (gloo) over one process, same
     global batch; the processes split the machine's threads."""
     import socket
@@ -400,6 +441,7 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2)
 
     import torch.multiprocessing as mp
 
+    release_heap()
     model = build(shape, "cpu")
     data = make_batch(model, batch, length, "cpu")
     opt = zo_optimizer(model, "dpzo", batch)
@@ -410,7 +452,7 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, world: int = 2)
         port = sock.getsockname()[1]
         sock.close()
         out = str(Path(tmp) / "times.json")
-        mp.spawn(_ddp_worker, args=(port, world, shape, batch, length, repeats, out), nprocs=world, join=True)
+        mp.spawn(_ddp_worker, args=(port, world, shape, batch, length, repeats, out, kept), nprocs=world, join=True)
         ddp = statistics.median(json.loads(Path(out).read_text()))
     medians = {**single, f"{world}_process_step": ddp}
     params = sum(p.numel() for p in model.parameters())
@@ -424,7 +466,8 @@ PARTS = ("zo", "memory", "dpsgd", "ddp")
 
 
 def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES, lengths: tuple[int, ...] = LENGTHS,
-        batches: tuple[int, ...] = BATCHES, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
+        batches: tuple[int, ...] = BATCHES, parts: tuple[str, ...] = PARTS, kept: bool = False) -> list[dict[str, Any]]:
+    """The chosen points' records; `kept`: this process's allocator keeps freed memory (DDP workers do the same)."""
     if quick:
         points = [("opt-125m", 16, 128)]
         dp_points = [("roberta-base", 16, 128)]
@@ -444,7 +487,7 @@ def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES
     if device == "cpu" and "ddp" in parts:
         shape, batch, length = points[0] if quick else ("opt-125m", 16, 128)
         print(f"[bench] data-parallel DP-ZO, 2 processes vs 1, {shape} batch={batch} len={length}", flush=True)
-        records.append(bench_ddp(shape, batch, length, repeats))
+        records.append(bench_ddp(shape, batch, length, repeats, kept))
     return records
 
 
@@ -484,16 +527,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), dest="parts",
                         help="zo: the ZO ratios and scaling; memory: ZO peak memory over inference; dpsgd: DP-SGD and "
                              "Opacus; ddp: 2 processes vs 1")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds to adapt (by default they are fixed: keep_freed_memory)")
     args = parser.parse_args(argv)
     if args.quick and (args.shapes, args.lengths, args.batches) != (list(SHAPES), list(LENGTHS), list(BATCHES)):
         parser.error("--quick measures its one point; --shapes/--lengths/--batches choose points of the full grid")
+    kept = not args.default_allocator and keep_freed_memory()
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     records = []
     for device in devices:
         records += run(args.quick, device, args.repeats, tuple(args.shapes), tuple(args.lengths), tuple(args.batches),
-                       tuple(args.parts))
+                       tuple(args.parts), kept)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "allocator": "freed memory kept" if kept else "glibc default"}
     for r in records:
         r["environment"] = meta
     args.out.write_text(json.dumps(records, indent=2, default=float) + "\n")
