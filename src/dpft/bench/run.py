@@ -16,6 +16,7 @@ Ratios (`name` in bench.json):
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
 - ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
 Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
+On glibc, malloc's thresholds are fixed first (`keep_freed_memory`), so no contender pays for its neighbour's heap.
 Random weights of the real shapes: speed does not depend on the values. Every step computes the suite's
 classification loss: cross-entropy over two label words at one position per example.
 """
@@ -109,7 +110,7 @@ def keep_freed_memory() -> bool:
     Side by side, contenders alternate, and glibc sizes its heap to the last one: it maps blocks above an adaptive
     threshold by themselves and hands back the heap's free top, so the contender that holds the most re-faults
     its memory in after each smaller one. At OPT-125m 8 × 256 a DP step right after a non-private one faulted in
-    750 MB (6.9 GB at 32 × 256); run after itself, as in training, 35-89 MB. Both thresholds are fixed high
+    750 MB (6.9 GB at 32 × 256); run after itself, as in training, 0-89 MB. Both thresholds are fixed high
     (setting one alone stops glibc adapting the other); each point starts from a trimmed heap (`release_heap`).
     """
     libc = _glibc()
@@ -260,8 +261,9 @@ def _peak_of(kind: str, shape: str, batch: int, length: int, device: str) -> tup
     from 128 KiB up is its own mapping (glibc's mmap threshold fixed), so RSS follows live tensors: with the
     threshold left to adapt, the same forward's peak varied by ±100 MB from process to process. Returns (peak
     bytes, parameter count)."""
-    if device == "cpu":
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc = _glibc() if device == "cpu" else None
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     model = build(shape, device)
     data = make_batch(model, batch, length, device)
     if kind == "zo_step":
