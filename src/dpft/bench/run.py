@@ -111,11 +111,13 @@ def keep_freed_memory() -> bool:
     threshold by themselves and hands back the heap's free top, so the contender that holds the most re-faults
     its memory in after each smaller one. At OPT-125m 8 × 256 a DP step right after a non-private one faulted in
     750 MB (6.9 GB at 32 × 256); run after itself, as in training, 0-89 MB. Both thresholds are fixed high
-    (setting one alone stops glibc adapting the other); each point starts from a trimmed heap (`release_heap`).
+    (setting one alone stops glibc adapting the other): blocks up to 1 GiB come from the heap, and a trim threshold
+    of -1 turns trimming off (the largest positive one, 2 GiB, still let 4.5 GB fault in per DP step at 32 × 256);
+    each point starts from a trimmed heap (`release_heap`).
     """
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def release_heap() -> None:
