@@ -247,6 +247,9 @@ def test_secure_noise_has_the_calibrated_std_and_no_reproducible_state():
     seeded = NoiseSource("gaussian", seed=0)
     assert torch.equal(seeded.sample(1.0, (5,)), NoiseSource("gaussian", seed=0).sample(1.0, (5,)))
     assert "generator" not in NoiseSource("gaussian", seed=0, secure=True).state_dict()
+    in_place = torch.zeros(40_000)
+    NoiseSource("gaussian", seed=0, secure=True).add_to([in_place], [2.0])
+    assert in_place.std().item() == pytest.approx(2.0, rel=0.02) and not torch.equal(in_place, draws)
     laplace = NoiseSource("laplace", seed=0, secure=True).sample(1.5, (40_000,))
     assert laplace.abs().mean().item() == pytest.approx(1.5, rel=0.03)
 

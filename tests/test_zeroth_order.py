@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpft.methods import zeroth_order
+from dpft import seeding
 from dpft.methods.zeroth_order import StageSchedule, ZerothOrderSGD
 
 
@@ -173,8 +173,9 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
     small); with chunks of 4 entries the step still is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η g z on the masked
     coordinates, the others untouched, with z the parameter's whole direction (`_z`), whose entries are
     standard normal."""
-    monkeypatch.setattr(zeroth_order, "Z_CHUNK", chunk)
-    monkeypatch.setattr(zeroth_order, "Z_PARALLEL_MIN", parallel_min)
+    monkeypatch.setattr(seeding, "CHUNK", chunk)
+    monkeypatch.setattr(seeding, "PARALLEL_MIN", parallel_min)
+    monkeypatch.setattr(seeding, "_pools", {})
     model = _model()
     params = list(model.parameters())
     masks = [torch.tensor([0, 3, 4, 7, 9, 10, 11, 13, 14, 21, 29]), None, None, torch.tensor([1, 2])]
@@ -186,7 +187,7 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
     opt.step(_closure(model, x, y))  # the first step sets θ_ref = θ_0; the second is checked
     before = [p.detach().clone().view(-1) for p in params]
     opt.step(_closure(model, x, y))
-    assert (opt._pool is not None) == (parallel_min == 0 and torch.get_num_threads() > 1)
+    assert bool(seeding._pools) == (parallel_min == 0 and torch.get_num_threads() > 1)
     g, seed = opt.state["zo"]["projected_grads"][0], opt.step_seed(1)
     for i, p in enumerate(params):
         z = opt._z(p, i, seed).view(-1)

@@ -62,16 +62,17 @@ class DPOptimizer:
     def zero_sum(self) -> None:
         """An empty Poisson batch: the sum is zero, the noise is still added."""
         for p in self.params:
-            p.summed_grad = torch.zeros_like(p)
+            p.summed_grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     def noise_std(self, p: nn.Parameter) -> float:
         return self.noise_multiplier * self.max_grad_norm
 
     def add_noise(self) -> None:
         """p.grad = clipped sum + N(0, std²), the noise drawn once for the global sum: by rank 0, before `reduce`."""
+        if rank() == 0:
+            self.noise.add_to([p.summed_grad for p in self.params], [self.noise_std(p) for p in self.params])
         for p in self.params:
-            noise = self.noise.sample(self.noise_std(p), tuple(p.shape), p.dtype, p.device) if rank() == 0 else 0
-            p.grad = p.summed_grad + noise
+            p.grad = p.summed_grad
 
     def reduce(self) -> None:
         """Sum over data-parallel processes (each holds the clipped sum of its share of the batch)."""

@@ -6,7 +6,7 @@ One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k
     θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
 The last restore is folded into the update (one pass over the parameters). z is drawn in chunks
-(`Z_CHUNK` entries on CPU) from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
+(`dpft.seeding.CHUNK` entries on CPU) from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
 the global RNG is never touched, z never exists whole (memory stays that of inference), chunks spread
 over threads, and a parameter's direction does not depend on the others (order, placement).
 
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +39,9 @@ from dpft.methods.base import MethodModule
 from dpft.privacy.accounting import PrivacySpec
 from dpft.privacy.ledger import PrivacyLedger
 from dpft.privacy.noise import NoiseSource
-from dpft.seeding import derive_seed
+from dpft.seeding import chunks, derive_seed, for_each, thread_generator
 
 CLIP_TARGETS = ("difference", "normalized")
-# z is drawn and applied this many entries at a time: on CPU 4 MB in fp32 (one chunk per thread beside the
-# weights); on accelerators bigger chunks mean fewer kernel launches (their RNG streams differ from the CPU's
-# anyway, so the chunk size costs no reproducibility across device types)
-Z_CHUNK, Z_CHUNK_ACCELERATOR = 1 << 20, 1 << 24
-# below this many entries in all, threads cost more than they save (a tiny model's z takes microseconds)
-Z_PARALLEL_MIN = 1 << 22
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -163,8 +155,6 @@ class ZerothOrderSGD(Optimizer):
         if len(names) != n_params or len(set(names)) != n_params:
             raise ValueError("param_names must name each parameter once")
         self._keys = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=8).digest(), "little") for n in names]
-        self._local = threading.local()  # one generator per (thread, device)
-        self._pool: ThreadPoolExecutor | None = None
         self.state["zo"] = {"step": 0, "projected_grads": []}
 
     # --- directions -----------------------------------------------------------------------------
@@ -179,41 +169,22 @@ class ZerothOrderSGD(Optimizer):
                 index += 1
 
     def _for_each_chunk(self, fn: Callable[[int, dict, torch.Tensor, int, slice], None]) -> None:
-        """Run fn(index, group, p, c, part) on every chunk c of every parameter. On CPU, from Z_PARALLEL_MIN
-        entries in all, chunks are spread over threads: generating z is the cost of a ZO step beyond its
-        forwards, randn runs on one core, and each chunk's z comes from its own seed, so the result does not
-        depend on the scheduling."""
+        """Run fn(index, group, p, c, part) on every chunk c of every parameter, spread over threads on CPU
+        (`dpft.seeding.for_each`): generating z is the cost of a ZO step beyond its forwards, and each
+        chunk's z comes from its own seed, so the result does not depend on the scheduling."""
         items = [(i, group, p, c, part) for i, group, p in self._params()
                  for c, part in enumerate(self._parts(p, i))]
-        entries = sum(part.stop - part.start for *_, part in items)
-        if (len(items) > 1 and entries >= Z_PARALLEL_MIN and torch.get_num_threads() > 1
-                and all(p.device.type == "cpu" for _, _, p, _, _ in items)):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(torch.get_num_threads())
-            for future in [self._pool.submit(fn, *item) for item in items]:
-                future.result()
-        else:
-            for item in items:
-                fn(*item)
+        for_each(fn, items, sum(part.stop - part.start for *_, part in items), (p.device for _, _, p, _, _ in items))
 
     def _parts(self, p: torch.Tensor, index: int) -> list[slice]:
         """The chunks of parameter `index`'s z (over its masked coordinates under a mask)."""
-        size = p.numel() if self.masks[index] is None else self.masks[index].numel()
-        chunk = Z_CHUNK if p.device.type == "cpu" else Z_CHUNK_ACCELERATOR
-        return [slice(start, min(start + chunk, size)) for start in range(0, size, chunk)]
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generators = self._local.__dict__.setdefault("generators", {})
-        if device not in generators:
-            generators[device] = torch.Generator(device=device)
-        return generators[device]
+        return chunks(p.numel() if self.masks[index] is None else self.masks[index].numel(), p.device)
 
     def _chunk(self, p: torch.Tensor, index: int, seed: int, c: int, part: slice):
         """Chunk c of parameter `index`'s z (entries `part` of it), seeded by (seed, parameter, c), and the
         coordinates of p's flat view it goes to (`part` itself, or the mask's flat indices there). z never
         exists whole: at most one chunk per thread beside the weights."""
-        gen = self._generator(p.device)
-        gen.manual_seed(derive_seed(derive_seed(seed, self._keys[index]), c))
+        gen = thread_generator(p.device, derive_seed(derive_seed(seed, self._keys[index]), c))
         z = torch.randn(part.stop - part.start, generator=gen, device=p.device, dtype=p.dtype)
         mask = self.masks[index]
         return (part if mask is None else mask[part]), z

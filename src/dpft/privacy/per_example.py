@@ -179,10 +179,7 @@ class PerExampleGradients:
 
     def accumulate(self, factors: torch.Tensor | dict[str, torch.Tensor]) -> None:
         """p.summed_grad = Σ_i c_i ∇_p ℓ_i, with c per example ([B]) or per layer ({name: [B]})."""
-        for _, module in self.layers:
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    p.summed_grad = torch.zeros_like(p)
+        summed: set[int] = set()
         for name, module, a, g in self._pairs():
             c = factors[name] if isinstance(factors, dict) else factors
             gc = g * c.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
@@ -199,5 +196,10 @@ class PerExampleGradients:
                 grads["weight"] = weight.index_add_(0, a.flatten(), gc.reshape(-1, gc.shape[-1]))
             for pname, p in module.named_parameters(recurse=False):
                 if p.requires_grad and pname in grads:
-                    p.summed_grad = grads[pname].to(p.dtype)
+                    p.summed_grad = grads[pname].to(p.dtype).contiguous()  # noise is added in place, flat
+                    summed.add(id(p))
+        for _, module in self.layers:  # layers that did not influence the loss: zero gradients
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in summed:
+                    p.summed_grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
