@@ -70,6 +70,18 @@ def test_per_example_norms_and_clipped_sums_equal_a_naive_loop(model_name, task_
         torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost", "materialised"])
+@pytest.mark.parametrize("model_name,task_name,peft", [CASES[0], CASES[3]])
+def test_both_norm_rules_equal_a_naive_loop(monkeypatch, model_name, task_name, peft, ghost):
+    """Each Linear's norm by the ghost identity (q, k and v sharing their input's Gram) or materialised."""
+    monkeypatch.setattr(PerExampleGradients, "_ghost", staticmethod(lambda t, d_in, d_out: ghost))
+    model, scorer, params, examples = _setup(model_name, task_name, peft)
+    naive = _naive(model, scorer, params, examples)
+    naive_norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in naive])
+    norms = torch.stack(list(_captured(model, scorer, params, examples).norms_by_layer().values())).sum(0).sqrt()
+    torch.testing.assert_close(norms, naive_norms, rtol=1e-4, atol=1e-7)
+
+
 def test_backward_to_the_layer_outputs_skips_weight_gradients_and_changes_nothing():
     """No p.grad is computed (the clipped sum replaces it), and the unclipped sum is an ordinary backward's gradient."""
     model, scorer, params, examples = _setup("opt-tiny", "sst2", "none")

@@ -4,7 +4,8 @@ Forward hooks record each supported layer's input a, and one backward of Σ_i �
 output gradient g. From them, per example i and layer:
 
 - norms: Linear ‖Σ_t g_itᵀ a_it‖², either materialised (B·d_out·d_in) or by the ghost-norm identity
-  Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·T²), whichever is smaller; LayerNorm and Embedding likewise;
+  Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·T²), whichever is smaller (layers that read one input, attention's
+  q, k and v, share its Gram a·aᵀ); LayerNorm and Embedding likewise;
 - the clipped sum Σ_i c_i ∇ℓ_i is then one weighted contraction per layer (c_i folded into g), with
   no per-example gradient ever stored for the whole model and no second backward.
 
@@ -144,17 +145,27 @@ class PerExampleGradients:
     def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(a.float(), module.normalized_shape, None, None, module.eps)
 
+    @staticmethod
+    def _ghost(t: int, d_in: int, d_out: int) -> bool:
+        """Ghost norm (two T × T Grams) where it is smaller than the materialised d_out × d_in gradient."""
+        return t * t < d_in * d_out
+
     def norms_by_layer(self) -> dict[str, torch.Tensor]:
         """Squared per-example gradient norm of each layer's trainable parameters, {name: [B]}."""
         out = {}
+        last_gram: tuple[tuple, torch.Tensor] | None = None  # q, k and v read one input: its Gram once
         for name, module, a, g in self._pairs():
             total = g.new_zeros(g.shape[0])
             if isinstance(module, nn.Linear):
                 if module.weight.requires_grad:
                     a32 = a.float()
                     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-                    if t * t < d_in * d_out:  # ghost norm
-                        total += torch.einsum("bts,bts->b", a32 @ a32.transpose(1, 2), g @ g.transpose(1, 2))
+                    if self._ghost(t, d_in, d_out):
+                        source = self._acts[module]  # held all along, so its address names its values
+                        key = (source.data_ptr(), source.dtype, tuple(source.shape), source.stride())
+                        if last_gram is None or last_gram[0] != key:
+                            last_gram = key, a32 @ a32.transpose(1, 2)
+                        total += torch.einsum("bts,bts->b", last_gram[1], g @ g.transpose(1, 2))
                     else:
                         total += torch.einsum("bto,bti->boi", g, a32).pow(2).sum((1, 2))
                 if module.bias is not None and module.bias.requires_grad:
