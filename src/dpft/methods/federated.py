@@ -287,7 +287,9 @@ class FederatedLoRA(MethodModule):
         return make_optimizer(self.server_optimizer, self.trainable_parameters(), self.server_lr)
 
     def noise_like(self, tensors: list[torch.Tensor], std: float) -> list[torch.Tensor]:
-        return [self.noise.sample(std, tuple(t.shape), t.dtype, t.device) for t in tensors]
+        noise = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        self.noise.add_to(noise, [std] * len(noise))  # drawn on each tensor's device, over threads on CPU
+        return noise
 
     def aggregate(self, updates: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """The round's Δ̄ from the clients' updates (a list per client; may be empty for private rounds)."""
