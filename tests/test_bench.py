@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 
 from dpft.bench.run import (
+    balanced_orders,
     bench_dpsgd,
     bench_zo,
     build,
@@ -21,6 +23,7 @@ from dpft.bench.run import (
     mezo_reference_step,
     peak_memory,
     per_example_loss,
+    record,
     side_by_side,
     timing_range,
 )
@@ -38,6 +41,7 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
         assert KEYS <= set(r)
         if r["ratio"] is not None:
             assert r["ratio"] > 0 and all(v > 0 for v in r["medians"].values())
+            assert r["repeat_ratios"] == [pytest.approx(r["ratio"])]  # one repeat: its ratio is the ratio
         else:
             assert r["error"]  # Opacus missing or failing is reported, not hidden
     assert {r["method"] for r in records if r["name"] == "zo_step_over_two_forwards"} == {"mezo", "dpzo", "dpzero"}
@@ -50,21 +54,33 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
     assert "zo_step_over_two_forwards" in format_table(records)
 
 
-def test_each_repeat_runs_the_functions_in_a_rotated_order():
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_put_every_function_after_every_other_equally_often(n):
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n) and all(sorted(o) == list(range(n)) for o in orders)
+    after = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    assert set(after) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(after.values())) <= 1  # each ordered pair as often as any other
+    assert len({o[0] for o in orders}) == n  # and each function first in some order
+
+
+def test_each_repeat_runs_the_functions_in_its_balanced_order():
     calls = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
-    medians, times = side_by_side(fns, repeats=3, device="cpu", warmed=("b",))
-    assert calls == ["a", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # warm-ups, then three rotations
-    assert set(medians) == set(times) == set("abc") and all(len(t) == 3 for t in times.values())
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    medians, times = side_by_side(fns, repeats=5, device="cpu", warmed=("b",))
+    orders = [["abcd"[i] for i in o] for o in balanced_orders(4)]
+    assert calls == ["a", "c", "d"] + orders[0] + orders[1] + orders[2] + orders[3] + orders[0]  # warm-ups, cycling
+    assert set(medians) == set(times) == set("abcd") and all(len(t) == 5 for t in times.values())
 
 
 def test_timing_range_is_the_wider_relative_spread_of_the_two_sides():
-    record = {"numerator": "a", "denominator": "b", "times": {"a": [1.0, 2.0, 3.0], "b": [2.0, 2.2, 2.0]}}
-    assert timing_range(record) == pytest.approx(1.0)  # (3 - 1) / 2
+    times = {"a": [1.0, 2.0, 3.0], "b": [2.0, 2.2, 2.0]}
+    record_ = record("x", "m", "s", 1, 1, 1, "cpu", {"a": 2.0, "b": 2.0}, "a", "b", times=times)
+    assert timing_range(record_) == pytest.approx(1.0)  # (3 - 1) / 2
+    assert record_["repeat_ratios"] == pytest.approx([0.5, 2.0 / 2.2, 1.5])  # each repeat's own pair
     assert timing_range({"medians": {}}) is None  # memory records have no timings
-    assert "| timing range |" in format_table([{**record, "name": "x", "method": "m", "model_shape": "s",
-                                                "batch_size": 1, "seq_len": 1, "device": "cpu", "ratio": 1.0,
-                                                "target": None}])
+    table = format_table([record_])
+    assert "| timing range |" in table and "| 0.500–1.500 |" in table
 
 
 @pytest.mark.parametrize("shape", ["opt-tiny", "roberta-tiny"])

@@ -133,18 +133,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Williams' design: orders of n functions in which each runs right after every other one equally often
+    (once over the n orders for even n, twice over 2n for odd n). A rotation would not do: it keeps every
+    function's neighbour, so whatever state one call leaves (heap, caches, threads) always lands on the same
+    next one."""
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    orders = [[(i + r) % n for i in first] for r in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
 def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str,
                  warmed: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Median seconds of each function, and every timing, after one warm-up call each (`warmed`: already
-    called). Repeat r runs the functions in an order rotated by r, so none always runs first or after the
-    same neighbour (allocator and cache state left by the previous call hit each one alike)."""
+    called). Repeat r runs the functions in `balanced_orders`' order r (cycling), so none always runs first
+    or after the same neighbour."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for key, fn in fns.items():
         if key not in warmed:
             fn()
     keys = list(fns)
+    orders = balanced_orders(len(keys))
     for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for key in (keys[i] for i in orders[r % len(orders)]):
             _sync(device)
             start = time.perf_counter()
             fns[key]()
@@ -198,8 +209,13 @@ def zo_optimizer(model: nn.Module, method: str, batch_size: int) -> ZerothOrderS
 # --- measurements --------------------------------------------------------------------------------
 def record(name: str, method: str, shape: str, params: int, batch: int, length: int, device: str,
            medians: dict[str, float], numerator: str, denominator: str, **extra: Any) -> dict[str, Any]:
-    """One measurement; `extra` may carry `times` (every timing of each function the medians come from)."""
+    """One measurement; `extra` may carry `times` (every timing of each function the medians come from), and
+    then the record carries the ratio of each repeat's two timings too (`repeat_ratios`: taken minutes apart at
+    most, so slow drift of the machine cancels in each)."""
     ratio = medians[numerator] / medians[denominator]
+    times = extra.get("times") or {}
+    if numerator in times and denominator in times:
+        extra["repeat_ratios"] = [a / b for a, b in zip(times[numerator], times[denominator])]
     return {"name": name, "method": method, "model_shape": shape, "params": params, "batch_size": batch,
             "seq_len": length, "device": device, "ratio": ratio, "target": TARGETS.get(name),
             "medians": medians, "numerator": numerator, "denominator": denominator, **extra}
@@ -231,7 +247,8 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
     out.append(record("zo_step_over_mezo_reference_same_loss", "mezo", *point, "mezo_step",
                       "mezo_reference_step_our_loss", times=times))
     out.append({**record("zo_seconds_per_step", "mezo", *point, "mezo_step", "two_forwards", times=times),
-                "ratio": medians["mezo_step"] / (params / 1e8)})
+                "ratio": medians["mezo_step"] / (params / 1e8),
+                "repeat_ratios": [t / (params / 1e8) for t in times["mezo_step"]]})
     return out
 
 
@@ -505,17 +522,18 @@ def timing_range(r: dict[str, Any]) -> float | None:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| measurement | method | shape | batch × len | device | ratio | target | timing range |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| measurement | method | shape | batch × len | device | ratio | per repeat | target | timing range |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         ratio = "n/a" if r["ratio"] is None else (f"{r['ratio']:.3f} s/1e8 params" if r["name"] == "zo_seconds_per_step"
                                                   else f"{r['ratio']:.3f}")
         target = "" if r["target"] is None else f"≤ {r['target']}"
         if r["ratio"] is not None and r["target"] is not None:
             target += " ✓" if r["ratio"] <= r["target"] else " ✗"
-        spread = timing_range(r)
+        spread, each = timing_range(r), r.get("repeat_ratios")
+        each = f"{min(each):.3f}–{max(each):.3f}" if each else ""
         lines.append(f"| {r['name']} | {r['method']} | {r['model_shape']} | {r['batch_size']} × {r['seq_len']} | "
-                     f"{r['device']} | {ratio} | {target} | {'' if spread is None else f'{spread:.0%}'} |")
+                     f"{r['device']} | {ratio} | {each} | {target} | {'' if spread is None else f'{spread:.0%}'} |")
     return "\n".join(lines)
 
 
