@@ -168,11 +168,13 @@ def test_per_parameter_seeding_is_independent_of_parameter_order():
 
 @pytest.mark.parametrize("chunk,parallel_min", [(4, 0), (1 << 20, 1 << 22)], ids=["many_chunks_threads",
                                                                                "one_chunk_serial"])
-def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk, parallel_min):
+@pytest.mark.parametrize("directions", [1, 2])
+def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk, parallel_min,
+                                                                          directions):
     """z is drawn and applied a chunk at a time (split over threads, or in the caller's thread for a model this
-    small); with chunks of 4 entries the step still is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η g z on the masked
-    coordinates, the others untouched, with z the parameter's whole direction (`_z`), whose entries are
-    standard normal."""
+    small); with chunks of 4 entries and K directions the step still is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η/K Σ_k g_k z_k
+    on the masked coordinates, the others untouched, with z_k the parameter's whole direction (`_z`), whose
+    entries are standard normal."""
     monkeypatch.setattr(seeding, "CHUNK", chunk)
     monkeypatch.setattr(seeding, "PARALLEL_MIN", parallel_min)
     monkeypatch.setattr(seeding, "_pools", {})
@@ -181,20 +183,20 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
     masks = [torch.tensor([0, 3, 4, 7, 9, 10, 11, 13, 14, 21, 29]), None, None, torch.tensor([1, 2])]
     lr, eps, decay, rho = 1e-2, 1e-3, 0.1, 0.5
     opt = ZerothOrderSGD(params, lr=lr, eps=eps, weight_decay=decay, seed=5, masks=masks, proximal=rho,
-                         schedule=StageSchedule(first_stage=100))
+                         schedule=StageSchedule(first_stage=100), directions=directions)
     x, y = _batch()
     anchor = [p.detach().clone().view(-1) for p in params]
     opt.step(_closure(model, x, y))  # the first step sets θ_ref = θ_0; the second is checked
     before = [p.detach().clone().view(-1) for p in params]
     opt.step(_closure(model, x, y))
     assert bool(seeding._pools) == (parallel_min == 0 and torch.get_num_threads() > 1)
-    g, seed = opt.state["zo"]["projected_grads"][0], opt.step_seed(1)
+    grads, seeds = opt.state["zo"]["projected_grads"], [opt.step_seed(1, k) for k in range(directions)]
     for i, p in enumerate(params):
-        z = opt._z(p, i, seed).view(-1)
+        step = sum(g * opt._z(p, i, seed).view(-1) for g, seed in zip(grads, seeds)) / directions
         coords = masks[i] if masks[i] is not None else torch.arange(p.numel())
         expected = before[i].clone()
         expected[coords] = (before[i][coords] * (1 - lr * (decay + rho)) + lr * rho * anchor[i][coords]
-                            - lr * g * z)
+                            - lr * step)
         torch.testing.assert_close(p.detach().view(-1), expected, rtol=0, atol=1e-6)
     draws = torch.cat([opt._z(params[1], 1, s).view(-1) for s in range(400)])  # 400 × 5 entries
     assert abs(draws.mean().item()) < 0.1 and abs(draws.std().item() - 1.0) < 0.05

@@ -210,7 +210,9 @@ class ZerothOrderSGD(Optimizer):
         self._for_each_chunk(one)
 
     def restore_and_update(self, seeds: list[int], grads: list[float]) -> None:
-        """From θ - φz_K: restore the last direction and apply the whole update, in one pass."""
+        """From θ - φz_K: restore the last direction and apply the whole update, in one pass. The decay and
+        proximal shrink s (θ's terms in the rule) applies to θ - φz_K first, so z_K's coefficient is
+        φ(1 - s) - ηg_K/K; every z_k is then added once."""
         k_last = len(seeds) - 1
 
         @torch.no_grad()
@@ -220,13 +222,10 @@ class ZerothOrderSGD(Optimizer):
             anchor, flat = self.state[p].get("anchor"), p.view(-1)
             for k, (seed, grad) in enumerate(zip(seeds, grads)):
                 coords, z = self._chunk(p, i, seed, c, part)
-                step = -lr * grad / len(seeds)
-                if k == k_last and shrink:
-                    self._add(flat, coords, z, eps)  # θ restored before the decay/proximal terms read it
+                if k == 0 and shrink:
                     self._shrink(flat, coords, shrink, pull, None if anchor is None else anchor.view(-1)[part])
-                    self._add(flat, coords, z, step)
-                else:
-                    self._add(flat, coords, z, step + eps if k == k_last else step)
+                step = -lr * grad / len(seeds)
+                self._add(flat, coords, z, step + eps * (1 - shrink) if k == k_last else step)
 
         self._for_each_chunk(one)
 
