@@ -62,6 +62,8 @@ def test_balanced_orders_put_every_function_after_every_other_equally_often(n):
     assert set(after) == {(a, b) for a in range(n) for b in range(n) if a != b}
     assert len(set(after.values())) <= 1  # each ordered pair as often as any other
     assert len({o[0] for o in orders}) == n  # and each function first in some order
+    for o, next_ in zip(orders, orders[1:]):  # consecutive orders share no neighbours (3 repeats of 3 functions)
+        assert not set(zip(o, o[1:])) & set(zip(next_, next_[1:]))
 
 
 def test_each_repeat_runs_the_functions_in_its_balanced_order():

@@ -137,10 +137,11 @@ def balanced_orders(n: int) -> list[list[int]]:
     """Williams' design: orders of n functions in which each runs right after every other one equally often
     (once over the n orders for even n, twice over 2n for odd n). A rotation would not do: it keeps every
     function's neighbour, so whatever state one call leaves (heap, caches, threads) always lands on the same
-    next one."""
+    next one. For odd n the design's orders are rotations, so each is followed by its reverse: consecutive
+    orders share no neighbours, which counts when the repeats are fewer than the orders."""
     first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
     orders = [[(i + r) % n for i in first] for r in range(n)]
-    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+    return orders if n % 2 == 0 else [o for order in orders for o in (order, order[::-1])]
 
 
 def side_by_side(fns: dict[str, Callable[[], Any]], repeats: int, device: str,
