@@ -15,7 +15,8 @@ Ratios (`name` in bench.json):
 - dpsgd_step_over_opacus          our DP step over Opacus's, same batch and run (target 1.0: at or below Opacus)
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
 - ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
-Timings are medians of interleaved repeats (A, B, A, B, ...) after a warm-up, so drift hits both sides.
+Timings are medians of interleaved repeats after a warm-up, so drift hits both sides; each repeat runs the
+functions in an order of Williams' design (`balanced_orders`), so none always follows the same neighbour.
 On glibc, malloc's thresholds are fixed first (`keep_freed_memory`), so no contender pays for its neighbour's heap.
 Random weights of the real shapes: speed does not depend on the values. Every step computes the suite's
 classification loss: cross-entropy over two label words at one position per example.
