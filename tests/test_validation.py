@@ -32,6 +32,7 @@ BEFORE_DATA = [
     (["method.peft.mode=adapter"], "method.peft.mode='adapter' is not one of ('none', 'lora', 'prefix')"),
     (["method=dpsgd", "privacy=eps2", "method.trainable=some"], "method.trainable='some' is not one of"),
     (["method=dpzero", "privacy=eps2", "method.clip_target=raw"], "method.clip_target='raw' is not one of"),
+    (["method=mezo", "method.z_generator=numpy"], "method.z_generator='numpy' is not one of ('philox', 'torch')"),
     (["model=minilm-l6", "task=sst2-k16", "model.head_init=zeros"], "model.head_init='zeros' is not one of"),
     (["model.dtype=float8"], "model.dtype='float8' is not one of"),
     (["method=mezo", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot run a zeroth-order step"),

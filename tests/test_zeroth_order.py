@@ -141,6 +141,37 @@ def test_state_dict_round_trip_continues_identically():
     assert all(torch.equal(p, e) for p, e in zip(resumed.parameters(), expected))
 
 
+def test_a_checkpoint_resumes_only_with_the_generator_that_drew_its_directions():
+    model = _model()
+    opt = ZerothOrderSGD(model.parameters(), lr=1e-2, eps=1e-3, seed=9, z_generator="philox")
+    opt.step(_closure(model, *_batch()))
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="z_generator='philox'.*method.z_generator=philox"):
+        ZerothOrderSGD(_model().parameters(), lr=1e-2, eps=1e-3, seed=9, z_generator="torch").load_state_dict(saved)
+    del saved["state"]["zo"]["z_generator"]  # a checkpoint from before the option: torch's generator
+    with pytest.raises(ValueError, match="z_generator='torch'"):
+        ZerothOrderSGD(_model().parameters(), lr=1e-2, eps=1e-3, seed=9).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("z_generator", ["philox", "torch"])
+def test_the_generators_draw_different_directions_from_one_seed(z_generator):
+    p = nn.Parameter(torch.zeros(1000))
+    z = ZerothOrderSGD([p], lr=0.1, seed=3, z_generator=z_generator)._z(p, 0, 11)
+    other = ZerothOrderSGD([p], lr=0.1, seed=3, z_generator={"philox": "torch", "torch": "philox"}[z_generator])
+    assert abs(z.mean()) < 0.15 and abs(z.std() - 1) < 0.1
+    assert abs(torch.corrcoef(torch.stack([z, other._z(p, 0, 11)]))[0, 1]) < 0.15
+
+
+def test_philox_directions_do_not_depend_on_the_chunk_size(monkeypatch):
+    """Entry e of a Philox direction is a function of (key, e): chunks change where a thread starts, not z."""
+    model = _model()
+    params = list(model.parameters())
+    opt = ZerothOrderSGD(params, lr=1e-2, eps=1e-3, seed=4)
+    whole = [opt._z(p, i, 17) for i, p in enumerate(params)]
+    monkeypatch.setattr(seeding, "CHUNK", 7)
+    assert all(torch.equal(opt._z(p, i, 17), z) for (i, p), z in zip(enumerate(params), whole))
+
+
 def test_step_never_touches_the_global_rng():
     model = _model()
     opt = ZerothOrderSGD(model.parameters(), lr=1e-2, eps=1e-3, seed=1)
@@ -149,7 +180,8 @@ def test_step_never_touches_the_global_rng():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_per_parameter_seeding_is_independent_of_parameter_order():
+@pytest.mark.parametrize("z_generator", ["philox", "torch"])
+def test_per_parameter_seeding_is_independent_of_parameter_order(z_generator):
     x, y = _batch()
     names = [n for n, _ in _model().named_parameters()]
 
@@ -157,7 +189,8 @@ def test_per_parameter_seeding_is_independent_of_parameter_order():
         model = _model()
         params = dict(model.named_parameters())
         chosen = [names[i] for i in order]
-        opt = ZerothOrderSGD([params[n] for n in chosen], lr=1e-2, eps=1e-3, seed=2, param_names=chosen)
+        opt = ZerothOrderSGD([params[n] for n in chosen], lr=1e-2, eps=1e-3, seed=2, param_names=chosen,
+                             z_generator=z_generator)
         for _ in range(3):
             opt.step(_closure(model, x, y))
         return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -169,8 +202,9 @@ def test_per_parameter_seeding_is_independent_of_parameter_order():
 @pytest.mark.parametrize("chunk,parallel_min", [(4, 0), (1 << 20, 1 << 22)], ids=["many_chunks_threads",
                                                                                "one_chunk_serial"])
 @pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("z_generator", ["philox", "torch"])
 def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monkeypatch, chunk, parallel_min,
-                                                                          directions):
+                                                                          directions, z_generator):
     """z is drawn and applied a chunk at a time (split over threads, or in the caller's thread for a model this
     small); with chunks of 4 entries and K directions the step still is θ ← θ(1 - η(λ+ρ)) + ηρ θ_ref - η/K Σ_k g_k z_k
     on the masked coordinates, the others untouched, with z_k the parameter's whole direction (`_z`), whose
@@ -183,7 +217,7 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
     masks = [torch.tensor([0, 3, 4, 7, 9, 10, 11, 13, 14, 21, 29]), None, None, torch.tensor([1, 2])]
     lr, eps, decay, rho = 1e-2, 1e-3, 0.1, 0.5
     opt = ZerothOrderSGD(params, lr=lr, eps=eps, weight_decay=decay, seed=5, masks=masks, proximal=rho,
-                         schedule=StageSchedule(first_stage=100), directions=directions)
+                         schedule=StageSchedule(first_stage=100), directions=directions, z_generator=z_generator)
     x, y = _batch()
     anchor = [p.detach().clone().view(-1) for p in params]
     opt.step(_closure(model, x, y))  # the first step sets θ_ref = θ_0; the second is checked

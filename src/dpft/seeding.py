@@ -1,8 +1,9 @@
 """Derived seeds: one integer per (stream seed, index), so each draw is reproducible on its own.
 
-Random tensors too big for one core (a zeroth-order step's z, DP-SGD's noise) are drawn a chunk at a time,
-each chunk from a generator reseeded from a seed of its own: the values depend on the seeds alone, never on
-which thread drew which chunk, so the chunks can spread over threads (randn on CPU runs on one core).
+Random tensors too big for one core (DP-SGD's noise, a zeroth-order step's z) are drawn a chunk at a time,
+each chunk from a seed of its own (a reseeded generator, or a counter-based stream: `dpft.philox`): the values
+depend on the seeds alone, never on which thread drew which chunk, so the chunks can spread over threads (randn
+on CPU runs on one core).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig
 from dpft.data.federated import PARTITIONS
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
-from dpft.methods.zeroth_order import CLIP_TARGETS
+from dpft.methods.zeroth_order import CLIP_TARGETS, Z_GENERATORS
 from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES
 from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
@@ -90,6 +90,7 @@ def validate_config(cfg: DictConfig) -> bool:
                ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
                ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
                ("method.clip_target", m.get("clip_target"), CLIP_TARGETS),
+               ("method.z_generator", m.get("z_generator"), Z_GENERATORS),
                ("model.kind", cfg.model.kind, MODEL_KINDS),
                ("model.dtype", cfg.model.get("dtype", "float32"), tuple(DTYPES)),
                ("model.head_init", cfg.model.get("head_init", "random"), HEAD_INITS)]

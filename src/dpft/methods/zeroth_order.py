@@ -5,10 +5,14 @@ One step with seed s and K directions z_k ~ N(0, I), each regenerated from (s, k
     for k: θ += φz_k; ℓ⁺ = L(θ); θ -= 2φz_k; ℓ⁻ = L(θ); r_i = (ℓ⁺_i - ℓ⁻_i)/2φ; g_k = estimate(r); θ += φz_k
     θ ← θ - η/K Σ_k g_k z_k - η λ θ - η ρ (θ - θ_ref)
 
-The last restore is folded into the update (one pass over the parameters). z is drawn in chunks
-(`dpft.seeding.CHUNK` entries on CPU) from a dedicated generator reseeded per chunk from (step seed, parameter name, chunk):
-the global RNG is never touched, z never exists whole (memory stays that of inference), chunks spread
-over threads, and a parameter's direction does not depend on the others (order, placement).
+The last restore is folded into the update (one pass over the parameters). z is applied in chunks
+(`dpft.seeding.CHUNK` entries on CPU) spread over threads; it never exists whole (memory stays that of
+inference), the global RNG is never touched, and a parameter's direction depends on (step seed, parameter
+name) alone, not on the other parameters (order, placement). Its generator (`z_generator`):
+- "philox" (default): on CPU, entry e of the direction is Philox4x32-10 of (key, e) through Box–Muller
+  (`dpft.philox`, a compiled kernel that adds it to θ in the same pass, 3× faster than torch's normal_);
+  on accelerators, torch's generator of the device (as "torch");
+- "torch": torch's generator of the parameter's device, reseeded per chunk from (key, chunk).
 
 What the variants change:
 - `estimate` (`GradientEstimator`): MeZO averages r_i; private estimators clip r_i (DPZero) or the raw
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from dpft import philox
 from dpft.distributed import all_reduce_sum, rank
 from dpft.methods.base import MethodModule
 from dpft.privacy.accounting import PrivacySpec
@@ -42,6 +47,7 @@ from dpft.privacy.noise import NoiseSource
 from dpft.seeding import chunks, derive_seed, for_each, thread_generator
 
 CLIP_TARGETS = ("difference", "normalized")
+Z_GENERATORS = ("philox", "torch")
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -137,7 +143,7 @@ class ZerothOrderSGD(Optimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  directions: int = 1, estimator: GradientEstimator | None = None,
                  masks: Sequence[torch.Tensor | None] | None = None, schedule: StageSchedule | None = None,
-                 proximal: float = 0.0, param_names: Sequence[str] | None = None):
+                 proximal: float = 0.0, param_names: Sequence[str] | None = None, z_generator: str = "philox"):
         if lr < 0 or eps <= 0 or directions < 1:
             raise ValueError(f"need lr >= 0, eps (perturbation scale φ) > 0 and directions >= 1; got lr={lr}, "
                              f"eps={eps}, directions={directions}")
@@ -155,7 +161,12 @@ class ZerothOrderSGD(Optimizer):
         if len(names) != n_params or len(set(names)) != n_params:
             raise ValueError("param_names must name each parameter once")
         self._keys = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=8).digest(), "little") for n in names]
-        self.state["zo"] = {"step": 0, "projected_grads": []}
+        if z_generator not in Z_GENERATORS:
+            raise ValueError(f"method.z_generator={z_generator!r} is not one of {Z_GENERATORS}")
+        self.z_generator = z_generator
+        if z_generator == "philox" and any(p.device.type == "cpu" for _, _, p in self._params()):
+            philox.kernel()  # builds it now, or says what to change
+        self.state["zo"] = {"step": 0, "projected_grads": [], "z_generator": z_generator}
 
     # --- directions -----------------------------------------------------------------------------
     def step_seed(self, step: int, direction: int = 0) -> int:
@@ -180,32 +191,49 @@ class ZerothOrderSGD(Optimizer):
         """The chunks of parameter `index`'s z (over its masked coordinates under a mask)."""
         return chunks(p.numel() if self.masks[index] is None else self.masks[index].numel(), p.device)
 
-    def _chunk(self, p: torch.Tensor, index: int, seed: int, c: int, part: slice):
-        """Chunk c of parameter `index`'s z (entries `part` of it), seeded by (seed, parameter, c), and the
-        coordinates of p's flat view it goes to (`part` itself, or the mask's flat indices there). z never
-        exists whole: at most one chunk per thread beside the weights."""
-        gen = thread_generator(p.device, derive_seed(derive_seed(seed, self._keys[index]), c))
-        z = torch.randn(part.stop - part.start, generator=gen, device=p.device, dtype=p.dtype)
+    def _philox(self, p: torch.Tensor) -> bool:
+        return self.z_generator == "philox" and p.device.type == "cpu"
+
+    def _key(self, index: int, seed: int) -> int:
+        """The stream of parameter `index`'s z in the step or direction with this seed."""
+        return derive_seed(seed, self._keys[index])
+
+    def _coords(self, index: int, part: slice) -> slice | torch.Tensor:
+        """The coordinates of parameter `index`'s flat view that entries `part` of its z go to: `part`
+        itself, or the mask's flat indices there."""
         mask = self.masks[index]
-        return (part if mask is None else mask[part]), z
+        return part if mask is None else mask[part]
 
-    def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
-        """The whole z of parameter `index` (its masked coordinates under a mask), for checks and audits."""
-        z = torch.cat([self._chunk(p, index, seed, c, part)[1] for c, part in enumerate(self._parts(p, index))])
-        return z.view(p.shape) if self.masks[index] is None else z
+    def _chunk(self, p: torch.Tensor, index: int, seed: int, c: int, part: slice) -> torch.Tensor:
+        """Chunk c of parameter `index`'s z (entries `part` of it), from (seed, parameter) and, with torch's
+        generator, c. z never exists whole: at most one chunk per thread beside the weights."""
+        key, size = self._key(index, seed), part.stop - part.start
+        if self._philox(p):
+            return philox.normal_(torch.empty(size), key, part.start).to(p.dtype)
+        gen = thread_generator(p.device, derive_seed(key, c))
+        return torch.randn(size, generator=gen, device=p.device, dtype=p.dtype)
 
-    @staticmethod
-    def _add(flat: torch.Tensor, coords: slice | torch.Tensor, z: torch.Tensor, alpha: float) -> None:
+    def _add_z(self, p: torch.Tensor, index: int, seed: int, c: int, part: slice, alpha: float) -> None:
+        """θ += alpha · z on chunk c; in the kernel's own pass (z not stored) where it can."""
+        flat = p.view(-1)
+        if self._philox(p) and p.dtype == torch.float32 and self.masks[index] is None:
+            philox.add_normal_(flat[part], self._key(index, seed), part.start, alpha)
+            return
+        z, coords = self._chunk(p, index, seed, c, part), self._coords(index, part)
         if isinstance(coords, slice):
             flat[coords].add_(z, alpha=alpha)
         else:  # in place on the parameter itself (indexing a parameter returns a copy)
             flat.index_add_(0, coords, z, alpha=alpha)
 
+    def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
+        """The whole z of parameter `index` (its masked coordinates under a mask), for checks and audits."""
+        z = torch.cat([self._chunk(p, index, seed, c, part) for c, part in enumerate(self._parts(p, index))])
+        return z.view(p.shape) if self.masks[index] is None else z
+
     def perturb(self, seed: int, scale: float) -> None:
         @torch.no_grad()
         def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
-            coords, z = self._chunk(p, i, seed, c, part)
-            self._add(p.view(-1), coords, z, scale)
+            self._add_z(p, i, seed, c, part, scale)
 
         self._for_each_chunk(one)
 
@@ -219,13 +247,13 @@ class ZerothOrderSGD(Optimizer):
         def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
             lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
             shrink, pull = lr * (decay + self.proximal), lr * self.proximal
-            anchor, flat = self.state[p].get("anchor"), p.view(-1)
+            anchor = self.state[p].get("anchor")
+            if shrink:
+                self._shrink(p.view(-1), self._coords(i, part), shrink, pull,
+                             None if anchor is None else anchor.view(-1)[part])
             for k, (seed, grad) in enumerate(zip(seeds, grads)):
-                coords, z = self._chunk(p, i, seed, c, part)
-                if k == 0 and shrink:
-                    self._shrink(flat, coords, shrink, pull, None if anchor is None else anchor.view(-1)[part])
                 step = -lr * grad / len(seeds)
-                self._add(flat, coords, z, step + eps * (1 - shrink) if k == k_last else step)
+                self._add_z(p, i, seed, c, part, step + eps * (1 - shrink) if k == k_last else step)
 
         self._for_each_chunk(one)
 
@@ -282,6 +310,11 @@ class ZerothOrderSGD(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
+        # checkpoints from before the option drew z with torch's generator
+        saved = state_dict["state"].get("zo", {}).get("z_generator", "torch")
+        if saved != self.z_generator:
+            raise ValueError(f"this checkpoint's directions came from z_generator={saved!r}; resume it with "
+                             f"method.z_generator={saved} (this run has {self.z_generator!r})")
         self.estimator.load_state_dict(state_dict.pop("estimator", {}))
         super().load_state_dict(state_dict)
 
@@ -300,10 +333,10 @@ class ZerothOrder(MethodModule):
                  clip: float | None = None, clip_target: str | None = None,
                  first_stage: int | None = None, lr_decay: float = 0.5, eps_decay: float = 1.0,
                  proximal: float = 0.0, mask_fraction: float | None = None, mask_queries: int = 8,
-                 mask_select: str = "largest",
+                 mask_select: str = "largest", z_generator: str = "philox",
                  privacy: PrivacySpec | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.eps, self.seed, self.directions = eps, seed, directions
+        self.eps, self.seed, self.directions, self.z_generator = eps, seed, directions, z_generator
         self.clip, self.clip_target = clip, clip_target
         self.schedule = StageSchedule(first_stage, lr_decay, eps_decay) if first_stage else None
         self.proximal, self.mask_fraction, self.mask_queries = proximal, mask_fraction, mask_queries
@@ -335,7 +368,7 @@ class ZerothOrder(MethodModule):
         names = {id(p): n for n, p in self.model.named_parameters()}
         return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                               seed=self.seed, directions=self.directions, estimator=estimator, masks=self.masks,
-                              schedule=self.schedule, proximal=self.proximal,
+                              schedule=self.schedule, proximal=self.proximal, z_generator=self.z_generator,
                               param_names=[names[id(p)] for p in self._optimizer_order()])
 
     def _optimizer_order(self) -> list[torch.nn.Parameter]:
@@ -388,7 +421,8 @@ class ZerothOrder(MethodModule):
         return block
 
     def hyperparameters(self) -> dict[str, Any]:
-        out = {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed, "directions": self.directions}
+        out = {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed, "directions": self.directions,
+               "z_generator": self.z_generator}
         if self.private:
             out.update(clip=self.clip, clip_target=self.clip_target)
         if self.schedule:
