@@ -45,6 +45,8 @@ def test_zeroth_order_and_dpsgd_records_are_complete():
         else:
             assert r["error"]  # Opacus missing or failing is reported, not hidden
     assert {r["method"] for r in records if r["name"] == "zo_step_over_two_forwards"} == {"mezo", "dpzo", "dpzero"}
+    generators = {r["name"]: r["z_generator"] for r in records if "z_generator" in r}
+    assert generators == {"zo_step_over_two_forwards": "philox", "zo_step_torch_z_over_two_forwards": "torch"}
     # where Opacus ran, our DP step is compared with it directly, from the same medians
     opacus = [r for r in records if r["name"] == "opacus_step_over_nonprivate" and r["ratio"] is not None]
     ours_over_opacus = [r for r in records if r["name"] == "dpsgd_step_over_opacus"]
@@ -143,7 +145,8 @@ def test_a_part_of_the_grid_measures_only_its_points(tmp_path):
           "--device", "cpu", "--repeats", "1"])
     records = json.loads(out.read_text())
     assert {(r["model_shape"], r["batch_size"], r["seq_len"]) for r in records} == {("opt-tiny", 2, 8), ("opt-tiny", 4, 8)}
-    assert {r["name"] for r in records} == {"zo_step_over_two_forwards", "zo_step_over_mezo_reference",
+    assert {r["name"] for r in records} == {"zo_step_over_two_forwards", "zo_step_torch_z_over_two_forwards",
+                                            "zo_step_over_mezo_reference",
                                             "zo_step_over_mezo_reference_same_loss", "zo_seconds_per_step",
                                             "zo_peak_memory_over_inference"}
     memory = [r for r in records if r["name"] == "zo_peak_memory_over_inference"]

@@ -7,6 +7,8 @@
 Ratios (`name` in bench.json):
 - zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
 - zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (each in a fresh process)
+- zo_step_torch_z_over_two_forwards   the same for MeZO with z_generator=torch (torch's Mersenne Twister, not
+                                  the Philox kernel): what the kernel gains, side by side
 - zo_step_over_mezo_reference     our MeZO step over a step written as the public MeZO code does it (its loss:
                                   logits at every position, where ours computes the output layer at the label's)
 - zo_step_over_mezo_reference_same_loss   the same with our loss in the reference: what the update alone gains
@@ -200,12 +202,12 @@ def mezo_reference_step(model: nn.Module, batch: dict, seed: int, eps: float = 1
                 p.data = p.data - lr * (grad * z)
 
 
-def zo_optimizer(model: nn.Module, method: str, batch_size: int) -> ZerothOrderSGD:
+def zo_optimizer(model: nn.Module, method: str, batch_size: int, z_generator: str = "philox") -> ZerothOrderSGD:
     estimator = {"mezo": GradientEstimator(),
                  "dpzo": PrivateEstimator(0.05, "difference", 1.0, "gaussian", batch_size, seed=0),
                  "dpzero": PrivateEstimator(100.0, "normalized", 1.0, "gaussian", batch_size, seed=0)}[method]
     return ZerothOrderSGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, eps=1e-3, seed=0,
-                          estimator=estimator)
+                          estimator=estimator, z_generator=z_generator)
 
 
 # --- measurements --------------------------------------------------------------------------------
@@ -236,14 +238,17 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
             per_example_loss(model, data)
 
     fns: dict[str, Callable[[], Any]] = {"two_forwards": two_forwards}
-    for method, opt in optimizers.items():
-        fns[f"{method}_step"] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
+    torch_z = zo_optimizer(model, "mezo", batch, z_generator="torch")
+    for name, opt in [*((f"{m}_step", o) for m, o in optimizers.items()), ("mezo_step_torch_z", torch_z)]:
+        fns[name] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
     fns["mezo_reference_step"] = lambda: mezo_reference_step(model, data, seed=1)
     fns["mezo_reference_step_our_loss"] = lambda: mezo_reference_step(model, data, seed=1, loss_fn=per_example_loss)
     medians, times = side_by_side(fns, repeats, device)
     point = (shape, params, batch, length, device, medians)
-    out = [record("zo_step_over_two_forwards", m, *point, f"{m}_step", "two_forwards", times=times)
-           for m in optimizers]
+    out = [record("zo_step_over_two_forwards", m, *point, f"{m}_step", "two_forwards", times=times,
+                  z_generator=opt.z_generator) for m, opt in optimizers.items()]
+    out.append(record("zo_step_torch_z_over_two_forwards", "mezo", *point, "mezo_step_torch_z", "two_forwards",
+                      times=times, z_generator="torch"))
     out.append(record("zo_step_over_mezo_reference", "mezo", *point, "mezo_step", "mezo_reference_step", times=times))
     # the part of that gain the update alone makes (the reference step with our loss)
     out.append(record("zo_step_over_mezo_reference_same_loss", "mezo", *point, "mezo_step",
