@@ -3,8 +3,8 @@
 Entry e of stream `key` is a function of (key, e) alone, so any range of it can be drawn on its own, in any
 order, on any thread: no generator state, no reseeding per chunk. On CPU this is 3× faster than torch's
 Mersenne Twister (`normal_`), which was most of a ZO step's cost beyond its two forwards. The Philox words
-are the same on every machine; the floats come from the vector log and cos of the machine's libm, so they
-agree across CPUs to within a few ulps and are bit-identical on one machine.
+are the same on every machine; the floats come from the vector log and cos of the machine's libm, so they are
+bit-identical on one machine and should agree across CPUs to within a few ulps.
 
 The kernel is compiled on first use with the system C compiler ($CC, else cc) into $DPFT_CACHE_DIR (default
 ~/.cache/dpft), one file per (source, compiler, flags, CPU), and loaded with ctypes (calls release the GIL, so
