@@ -238,8 +238,9 @@ def bench_zo(shape: str, batch: int, length: int, device: str, repeats: int) -> 
             per_example_loss(model, data)
 
     fns: dict[str, Callable[[], Any]] = {"two_forwards": two_forwards}
-    torch_z = zo_optimizer(model, "mezo", batch, z_generator="torch")
-    for name, opt in [*((f"{m}_step", o) for m, o in optimizers.items()), ("mezo_step_torch_z", torch_z)]:
+    steps = {f"{m}_step": opt for m, opt in optimizers.items()}
+    steps["mezo_step_torch_z"] = zo_optimizer(model, "mezo", batch, z_generator="torch")
+    for name, opt in steps.items():
         fns[name] = lambda opt=opt: opt.step(lambda: per_example_loss(model, data))
     fns["mezo_reference_step"] = lambda: mezo_reference_step(model, data, seed=1)
     fns["mezo_reference_step_our_loss"] = lambda: mezo_reference_step(model, data, seed=1, loss_fn=per_example_loss)
