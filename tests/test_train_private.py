@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -85,14 +84,6 @@ def test_bad_privacy_values_fail_before_the_model_is_loaded(make_cfg, monkeypatc
     cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dpzo", "privacy=eps1", *override.split())
     with pytest.raises((PrivacyConfigError, ValueError), match=match):
         run(cfg)
-
-
-def test_delta_not_below_one_over_n_warns(make_cfg, caplog):
-    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dpzero", "privacy=eps2", "privacy.target_delta=0.1",
-                   "trainer.max_steps=1")
-    with caplog.at_level(logging.WARNING, logger="dpft"):
-        run(cfg)
-    assert "1/n" in caplog.text
 
 
 def test_dpsgd_on_real_minilm_learns_sst2_at_eps8(make_cfg):

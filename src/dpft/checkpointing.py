@@ -7,10 +7,16 @@ and `dpft` metadata: the method, the W&B run id, and the privacy statement. Batc
 (seed, step) only, so from step s the resumed run draws the same batches, directions and noise as an
 uninterrupted run: in deterministic mode on CPU the final parameters are the same bits.
 
-Privacy on resume: steps between the last checkpoint and a crash are re-executed with the same data
-and the same noise, so they release nothing new and are not charged twice. In secure mode the noise
-cannot be replayed: the ledger's write-ahead journal (beside the checkpoint) records every step before
-it runs, the lost steps are charged, and the run ends early enough to stay within its budget.
+Privacy on resume. Default mode: steps between the last checkpoint and a crash are re-executed with the
+same batches and the same noise draws, and are not charged twice. That assumes the replay computes the
+same clipped sum bit for bit (deterministic kernels, as on CPU): where it differs (GPU non-determinism),
+f'(D) + Z is released beside f(D) + Z and the difference is not covered; use secure mode there.
+Secure mode: the sampling seed is a secret from the OS entropy source, kept only in the checkpoint (a
+resumed run continues its own sample; nothing released can rebuild it), and noise is never replayed. The
+ledger's write-ahead journal (beside the checkpoint) records every step before it runs; whatever journal
+the run folder holds is read at the start, with or without a checkpoint, and the steps it records beyond
+the checkpoint are charged: a replayed step draws fresh noise and counts as a new step, and the run ends
+early enough to stay within its budget.
 
 Checkpoints are written to a temporary file, flushed and renamed over `last.ckpt`: a crash while writing
 leaves the previous checkpoint intact. They are written every `checkpoint.every_n_steps` steps and when
@@ -24,6 +30,7 @@ import os
 import random
 import signal
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +146,13 @@ class ResumableRun(L.Callback):
     signal goes to the handler that was installed before (submitit's requeue), or to the default action."""
 
     def __init__(self, output_dir: Path, cfg: DictConfig, every_n_steps: int | None,
-                 resumed_from: Path | None = None, keep: bool = False):
+                 resumed_from: Path | None = None, keep: bool = False, sampling_seed: int | None = None):
         self.directory = checkpoint_dir(output_dir)
         self.every_n_steps, self.resumed_from, self.keep = every_n_steps, resumed_from, keep
         self._saved_at = -1
         self.meta = {"method": cfg.method.name, "privacy": OmegaConf.to_container(cfg.privacy, resolve=True)}
+        if sampling_seed is not None:  # secure mode's secret: in the checkpoint, nowhere released
+            self.meta["sampling_seed"] = sampling_seed
         self.lost_steps_charged = 0
         self._signal: int | None = None
         self._previous_handler: Any = None
@@ -227,9 +236,19 @@ class ResumableRun(L.Callback):
         ledger = getattr(pl_module, "ledger", None)
         if ledger is None:
             return
-        if ledger.spec.secure_mode and self.resumed_from is not None:
-            journal = read_journal(self.resumed_from.parent / JOURNAL)
-            started = journal["steps_started"] if journal else ledger.steps
+        # with or without a checkpoint: the steps a killed secure run took released data
+        folders = {self.directory} | ({self.resumed_from.parent} if self.resumed_from is not None else set())
+        journals = [(f / JOURNAL, read_journal(f / JOURNAL)) for f in sorted(folders)] if ledger.spec.secure_mode else []
+        journals = [(path, j) for path, j in journals if j is not None]
+        for path, journal in journals:
+            changed = statement_differences(journal["spec"], asdict(ledger.spec))
+            if changed:
+                raise PrivacyStatementMismatch(
+                    f"{path} records {journal['steps_started']} step(s) of a secure run under another privacy "
+                    f"statement ({'; '.join(changed)}); they cannot be charged to this one: rerun with that "
+                    "statement, or use a new output folder")
+        if journals:
+            started = max(j["steps_started"] for _, j in journals)
             if started > ledger.steps:
                 self.lost_steps_charged = started - ledger.steps
                 log.warning("secure mode: %d step(s) ran after the checkpoint and their noise cannot be replayed; "

@@ -94,6 +94,11 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "git_commit": _git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if module.ledger is not None and module.diagnostics:
+        results["nonprivate_releases"] = {
+            "note": "raw statistics of the training data, released because privacy.diagnostics=true: "
+                    "ε does not cover them",
+            "logged": sorted(module.raw_logged), "values": module.raw_statistics()}
     results["summary"] = flat_summary(results)
     return results
 

@@ -29,6 +29,11 @@ _local = threading.local()  # one generator per (thread, device)
 _pools: dict[int, ThreadPoolExecutor] = {}  # by process id: a pool's threads do not survive a fork
 
 
+def secret_seed() -> int:
+    """A seed from the operating system's entropy source (secure mode): nothing published can rebuild it."""
+    return int.from_bytes(os.urandom(8), "little") & _MASK
+
+
 def derive_seed(seed: int, index: int) -> int:
     return (seed * _MIX + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK
 

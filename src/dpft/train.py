@@ -41,7 +41,8 @@ from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
 from dpft.results import build_failure, build_results, format_table, peak_memory_bytes, write_results
-from dpft.validation import validate_config
+from dpft.seeding import secret_seed
+from dpft.validation import check_delta, validate_config
 
 log = logging.getLogger("dpft")
 
@@ -72,8 +73,10 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
     """The run's privacy statement: noise calibrated for (ε, δ, q = batch_size / n, T = max_steps).
 
     Federated methods: the unit is a client (n = fed.clients, batch_size = clients per round), and T adds
-    DR-Encoder's `method.prior_rounds` (stage 1) to the rounds."""
+    DR-Encoder's `method.prior_rounds` (stage 1) to the rounds. δ ≥ 1/n is refused (`check_delta`)."""
     federated = bool(cfg.method.get("federated"))
+    unit = "client" if federated else "example"
+    large_delta = check_delta(cfg.privacy, dataset_size, unit)
     spec = make_spec(
         mechanism=cfg.privacy.mechanism, accountant=cfg.privacy.accountant,
         target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
@@ -81,15 +84,21 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
         steps=int(cfg.trainer.max_steps) + int(cfg.method.get("prior_rounds", 0)),
         clip=cfg.method.clip, directions=int(cfg.method.get("directions", 1)),
         secure_mode=bool(cfg.privacy.get("secure_mode", False)),
-        adjacency="add/remove one client" if federated else "add/remove one example",
-        sampling="Poisson over clients" if federated else "Poisson",
+        adjacency=f"add/remove one {unit}", sampling="Poisson over clients" if federated else "Poisson",
+        large_delta_allowed=large_delta,
     )
-    unit = "client" if federated else "example"
-    if spec.mechanism == "gaussian" and spec.target_delta >= 1 / dataset_size:
-        log.warning("privacy.target_delta=%g is not below 1/n = %g: (ε, δ)-DP then allows leaking a whole "
-                    "%s; use δ < 1/n", spec.target_delta, 1 / dataset_size, unit)
     log.info("privacy: %s", spec)
     return spec
+
+
+def sampling_seed(cfg: DictConfig, saved: dict[str, Any]) -> int:
+    """The seed of the data-dependent sampling (Poisson batches, clients, local minibatches): the experiment
+    seed, or in secure mode a secret from the OS entropy source, kept only in the run's checkpoint so that a
+    resumed run continues its own sample and nothing released can rebuild it."""
+    if not cfg.privacy.get("secure_mode", False):
+        return int(cfg.seed)
+    kept = saved.get("dpft", {}).get("sampling_seed")
+    return int(kept) if kept is not None else secret_seed()
 
 
 def build_logger(cfg: DictConfig, run_id: str | None = None):
@@ -150,7 +159,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     needed = ("train", "val", "test") if trains else ("val", "test")
     if not cfg.get("validate", True):
         needed = tuple(s for s in needed if s != "val")
-    common = dict(batch_size=cfg.method.batch_size, eval_batch_size=cfg.method.eval_batch_size, seed=cfg.seed,
+    ckpt = find_checkpoint(cfg, output_dir) if trains else None
+    saved = read_checkpoint(ckpt) if ckpt else {}
+    seed = sampling_seed(cfg, saved)
+    common = dict(batch_size=cfg.method.batch_size, eval_batch_size=cfg.method.eval_batch_size, seed=seed,
                   needed=needed, poisson=private)
     if cfg.method.get("federated"):
         datamodule = FederatedDataModule(task, scorer, **common, clients=cfg.fed.clients, partition=cfg.fed.partition,
@@ -161,8 +173,6 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     # calibrate before loading the model: an impossible budget fails in seconds
     units = cfg.fed.clients if cfg.method.get("federated") else len(datamodule.data.get("train", ()))
     spec = calibrate(cfg, units) if private else None
-    ckpt = find_checkpoint(cfg, output_dir) if trains else None
-    saved = read_checkpoint(ckpt) if ckpt else {}
     if ckpt:
         check_resumable(saved, cfg, spec.as_dict() if spec else None)
         log.info("resuming from %s (step %s)", ckpt, saved.get("global_step"))
@@ -172,11 +182,16 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
     model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
-    module = build_method(cfg, model, scorer, **({"privacy": spec} if spec else {}))
+    extra = {"privacy": spec} if spec else {}
+    if cfg.method.get("federated"):
+        extra["sampling_seed"] = seed
+    module = build_method(cfg, model, scorer, **extra)
+    module.diagnostics = bool(cfg.privacy.get("diagnostics", False))
 
     logger = build_logger(cfg, run_id=saved.get("dpft", {}).get("wandb_run_id"))
     resumable = ResumableRun(output_dir, cfg, cfg.checkpoint.get("every_n_steps"), resumed_from=ckpt,
-                             keep=cfg.checkpoint.get("keep", False))
+                             keep=cfg.checkpoint.get("keep", False),
+                             sampling_seed=seed if cfg.privacy.get("secure_mode", False) else None)
     trainer = build_trainer(cfg, output_dir, logger, [resumable], validate="val" in needed, model=model)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

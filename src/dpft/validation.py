@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import hydra
 from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
@@ -173,8 +174,9 @@ def validate_privacy(p: DictConfig) -> None:
             raise ConfigError(f"privacy.accountant={p.get('accountant')!r} is not one of {ACCOUNTANTS}")
     elif p.target_delta != 0:
         raise ConfigError(f"privacy.target_delta={p.target_delta} is invalid: pure ε-DP (Laplace) has δ = 0")
-    if not isinstance(p.get("secure_mode", False), bool):
-        raise ConfigError(f"privacy.secure_mode={p.secure_mode} is invalid: must be true or false")
+    for key in ("secure_mode", "allow_large_delta", "diagnostics"):
+        if not isinstance(p.get(key, False), bool):
+            raise ConfigError(f"privacy.{key}={p[key]} is invalid: must be true or false")
 
 
 def check_privacy_pair(cfg: DictConfig) -> bool:
@@ -191,4 +193,33 @@ def check_privacy_pair(cfg: DictConfig) -> bool:
         fix = "privacy=pure_eps4" if cfg.method.mechanism == "laplace" else "privacy=eps2"
         raise ConfigError(f"method={cfg.method.name} adds {cfg.method.mechanism} noise but privacy={cfg.privacy.name} "
                           f"is a {mechanism} budget: use e.g. {fix}")
+    if private:
+        analysed = method_class(cfg).noise_mechanisms
+        if mechanism not in analysed:
+            raise ConfigError(f"method.mechanism={mechanism} has no sensitivity analysis in method={cfg.method.name} "
+                              f"(it bounds each example's contribution in L2 only): use {' or '.join(analysed)} "
+                              f"noise, e.g. privacy=eps2 (pure ε-DP: method=dpzo_laplace)")
     return private
+
+
+def method_class(cfg: DictConfig) -> type:
+    """The LightningModule class `method._target_` names (imported, not built)."""
+    target = str(cfg.method.get("_target_", ""))
+    try:
+        return hydra.utils.get_class(target)
+    except Exception as err:
+        raise ConfigError(f"method._target_={target!r} is not an importable class: {err}") from None
+
+
+def check_delta(privacy: DictConfig, units: int, unit: str) -> bool:
+    """δ < 1/n, n the number of privacy units (examples, or clients): (ε, δ)-DP with δ ≥ 1/n allows
+    releasing one unit's data whole. Refused unless `privacy.allow_large_delta=true`; returns whether δ ≥ 1/n
+    was allowed (recorded in results.json)."""
+    delta = privacy.get("target_delta", 0.0)
+    if privacy.get("mechanism") != "gaussian" or delta < 1 / units:
+        return False
+    if privacy.get("allow_large_delta", False) is True:
+        return True
+    raise ConfigError(f"privacy.target_delta={delta:g} is not below 1/n = 1/{units} ({unit}s in the training set): "
+                      f"(ε, δ)-DP then allows leaking a whole {unit}. Use privacy.target_delta < {1 / units:.3g}, "
+                      "or privacy.allow_large_delta=true to run anyway (recorded in results.json)")

@@ -13,8 +13,9 @@ from dpft.models.scoring import Scorer
 
 class TaskDataModule(L.LightningDataModule):
     """Training batches: Poisson-sampled with rate batch_size / n for private methods (`poisson=True`),
-    shuffled fixed-size batches for the non-private baselines; batch t depends on (seed, t) only, and a
-    resumed run continues at the batch after its last completed step (`state_dict`). Evaluation batches
+    shuffled fixed-size batches for the non-private baselines; batch t depends on (seed, t) only and is
+    the batch of optimisation step t (the samplers start each iteration at `trainer.global_step`), so a
+    resumed run or a rebuilt dataloader continues with the batch after the last completed step. Evaluation batches
     in order. Under data parallelism each process takes its share of every batch (see `sampling`)."""
 
     def __init__(self, task: Task, scorer: Scorer, batch_size: int, eval_batch_size: int, seed: int,
@@ -25,7 +26,6 @@ class TaskDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.poisson = batch_size, eval_batch_size, poisson
         self.seed, self.needed, self.num_workers = seed, needed, num_workers
         self.data: dict[Split, list[Example]] = {}
-        self.start_batch = 0  # training batches consumed before this run started (resume)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.data:
@@ -34,16 +34,17 @@ class TaskDataModule(L.LightningDataModule):
                 raise ValueError(f"method.batch_size={self.batch_size} exceeds the {len(self.data['train'])} "
                                  f"training examples of task {self.task.name}")
 
-    # --- resume: one training batch per optimisation step ---------------------------------------
-    def state_dict(self) -> dict:
-        return {"batches_consumed": self.trainer.global_step if self.trainer is not None else self.start_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.start_batch = int(state["batches_consumed"])
-
-    def _replicas(self) -> dict[str, int]:
+    def _position(self) -> dict:
+        """The training sampler's position (the step reached: resume, dataloader rebuilds) and this rank's share."""
         trainer = self.trainer
-        return {"rank": trainer.global_rank, "num_replicas": trainer.world_size} if trainer is not None else {}
+        if trainer is None:
+            return {}
+        return {"position": lambda: trainer.global_step, "rank": trainer.global_rank,
+                "num_replicas": trainer.world_size}
+
+    def _sampling_seed(self) -> int:
+        """Rank 0's seed on every rank (secure mode draws a secret seed per process)."""
+        return self.seed if self.trainer is None else int(self.trainer.strategy.broadcast(self.seed, src=0))
 
     def sizes(self) -> dict[str, int]:
         return {split: len(examples) for split, examples in self.data.items()}
@@ -58,17 +59,18 @@ class TaskDataModule(L.LightningDataModule):
         return self.scorer.collate(examples, train=train)
 
     def train_dataloader(self) -> DataLoader:
-        examples, position = self.data["train"], {"start": self.start_batch, **self._replicas()}
+        examples, position = self.data["train"], self._position()
         if self.poisson:
-            sampler = PoissonBatchSampler(len(examples), self.batch_size / len(examples), self.seed, **position)
+            sampler = PoissonBatchSampler(len(examples), self.batch_size / len(examples), self._sampling_seed(),
+                                          **position)
         else:
-            sampler = ShuffledBatchSampler(len(examples), self.batch_size, self.seed, **position)
+            sampler = ShuffledBatchSampler(len(examples), self.batch_size, self._sampling_seed(), **position)
         return DataLoader(examples, batch_sampler=sampler, num_workers=self.num_workers, generator=self._generator(),
                           collate_fn=lambda batch: self._collate(batch, train=True))
 
     def _eval_loader(self, split: Split) -> DataLoader:
-        replicas = self._replicas()
-        examples = self.data[split][replicas.get("rank", 0)::replicas.get("num_replicas", 1)]
+        trainer = self.trainer
+        examples = self.data[split][trainer.global_rank::trainer.world_size] if trainer is not None else self.data[split]
         return DataLoader(examples, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                           generator=self._generator(), collate_fn=lambda batch: self._collate(batch, train=False))
 

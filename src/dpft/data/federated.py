@@ -84,11 +84,12 @@ class FederatedDataModule(TaskDataModule):
         return sizes
 
     def train_dataloader(self) -> DataLoader:
-        position = {"start": self.start_batch, **self._replicas()}
+        position = self._position()
         if self.poisson:
-            sampler = PoissonBatchSampler(self.num_clients, self.batch_size / self.num_clients, self.seed, **position)
+            sampler = PoissonBatchSampler(self.num_clients, self.batch_size / self.num_clients, self._sampling_seed(),
+                                          **position)
         else:
-            sampler = ShuffledBatchSampler(self.num_clients, self.batch_size, self.seed, **position)
+            sampler = ShuffledBatchSampler(self.num_clients, self.batch_size, self._sampling_seed(), **position)
         return DataLoader(range(self.num_clients), batch_sampler=sampler, generator=self._generator(),
                           collate_fn=lambda ids: {"clients": ids})
 

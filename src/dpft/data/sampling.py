@@ -1,7 +1,10 @@
 """Training batch samplers whose batch t is a function of (seed, t) alone.
 
-That makes a run resumable exactly (a resumed run starts at the batch after the last completed step)
-and data-parallel without changing the batches: with `num_replicas` W > 1, rank r takes its share of
+Each iteration starts at the batch of the step the run has reached (`position`, e.g. Lightning's
+`trainer.global_step`), never at a count of its own: a resumed run, a rebuilt dataloader
+(`trainer.reload_dataloaders_every_n_epochs`) or a cut epoch (`limit_train_batches`) can neither replay a
+batch nor skip one, so batch t is used by step t alone, as the accountant assumes. Sampling is also
+data-parallel without changing the batches: with `num_replicas` W > 1, rank r takes its share of
 the same global batch, so the union over ranks is the single-process batch.
 
 - `PoissonBatchSampler` (private methods): each example joins batch t independently with probability q,
@@ -15,7 +18,7 @@ the same global batch, so the union over ranks is the single-process batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -24,15 +27,19 @@ from dpft.seeding import derive_seed
 
 
 class StepIndexedBatchSampler(Sampler[list[int]]):
-    """Yields batches `start`, `start + 1`, ... up to the end of the epoch that contains `start`; the next
-    iteration (Lightning's next epoch) continues from there. One epoch is `len(self)` batches."""
+    """Each iteration yields batches s, s + 1, ... up to the end of the epoch that contains s, where s is
+    `position()` when the iteration starts (the optimisation steps done so far). One epoch is `len(self)`
+    batches. Without `position` (a sampler used on its own) each iteration continues where the last one
+    stopped."""
 
-    def __init__(self, num_examples: int, seed: int, start: int = 0, rank: int = 0, num_replicas: int = 1):
+    def __init__(self, num_examples: int, seed: int, position: Callable[[], int] | None = None, rank: int = 0,
+                 num_replicas: int = 1):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.num_examples, self.seed = num_examples, seed
         self.rank, self.num_replicas = rank, num_replicas
-        self.next_batch = start
+        self.position = position
+        self.next_batch = 0
         self._generator = torch.Generator()
 
     def global_batch(self, index: int) -> list[int]:
@@ -46,6 +53,8 @@ class StepIndexedBatchSampler(Sampler[list[int]]):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.position is not None:
+            self.next_batch = int(self.position())
         end = (self.next_batch // len(self) + 1) * len(self)
         while self.next_batch < end:
             index = self.next_batch

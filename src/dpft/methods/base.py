@@ -14,6 +14,7 @@ from dpft.data.metrics import squad_em, squad_f1
 from dpft.data.tasks import Task
 from dpft.distributed import all_reduce_sum, union
 from dpft.models.scoring import Scorer
+from dpft.privacy.ledger import PrivacyLedger
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -30,6 +31,10 @@ class MethodModule(L.LightningModule):
 
     name = "base"
     dropout_in_training = True  # zeroth-order methods turn it off: they estimate a deterministic loss
+    # noise mechanisms whose sensitivity analysis this method implements (validation refuses the others)
+    noise_mechanisms: tuple[str, ...] = ()
+    ledger: PrivacyLedger | None = None  # private methods: the run's privacy ledger
+    diagnostics = False  # privacy.diagnostics: a private run also releases raw training statistics
 
     def __init__(self, model: nn.Module, scorer: Scorer, lr: float = 0.0, weight_decay: float = 0.0):
         super().__init__()
@@ -41,6 +46,13 @@ class MethodModule(L.LightningModule):
         self._t0: float | None = None
         self._eval: dict[str, list[float]] = {}
         self.final_metrics: dict[str, float] = {}
+        self.raw_logged: set[str] = set()
+
+    @classmethod
+    def check_mechanism(cls, mechanism: str) -> None:
+        if mechanism not in cls.noise_mechanisms:
+            raise ValueError(f"{cls.__name__} has no sensitivity analysis for {mechanism} noise "
+                             f"(it implements {cls.noise_mechanisms or 'none'})")
 
     @property
     def task(self) -> Task:
@@ -55,6 +67,25 @@ class MethodModule(L.LightningModule):
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
+
+    # --- what a run releases ------------------------------------------------------------------------
+    @property
+    def releases_raw(self) -> bool:
+        """Whether raw statistics of the training data may be logged and written: in non-private runs, and in
+        private ones only with privacy.diagnostics=true (ε does not cover them)."""
+        return self.ledger is None or self.diagnostics
+
+    def log_raw(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Log a raw statistic of the training data (a loss, a norm, a sampled count): see `releases_raw`."""
+        if not self.releases_raw:
+            return
+        if self.ledger is not None:
+            self.raw_logged.add(name)
+        self.log(name, value, **kwargs)
+
+    def raw_statistics(self) -> dict[str, Any]:
+        """Raw end-of-run statistics (e.g. counts of dropped examples) that ε does not cover."""
+        return {}
 
     def per_example_losses(self, batch: dict[str, Any]) -> torch.Tensor:
         self.forward_passes += 1

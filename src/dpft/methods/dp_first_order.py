@@ -168,7 +168,12 @@ class AdaptiveNoiseDPOptimizer(DPOptimizer):
 
 
 class DPFirstOrder(MethodModule):
-    """DP-SGD / DP-AdamW with Poisson sampling; `adaptive_noise=True` gives ANADP."""
+    """DP-SGD / DP-AdamW with Poisson sampling; `adaptive_noise=True` gives ANADP.
+
+    Gaussian noise only: the clipped sum is bounded in L2 (C), and per-coordinate Laplace noise would need its
+    L1 sensitivity, up to √d·C."""
+
+    noise_mechanisms = ("gaussian",)
 
     def __init__(self, *args: Any, privacy: PrivacySpec, clip: float = 1.0, optimizer: str = "adamw",
                  seed: int = 0, adaptive_noise: bool = False, anadp: dict | None = None, **kwargs: Any):
@@ -177,6 +182,7 @@ class DPFirstOrder(MethodModule):
             raise ValueError(f"method.optimizer={optimizer!r} is not one of {sorted(OPTIMIZERS)}")
         if privacy.clip != clip:
             raise ValueError("the privacy statement was calibrated for another clip")
+        self.check_mechanism(privacy.mechanism)
         self.privacy, self.clip, self.optimizer_name, self.seed = privacy, clip, optimizer, seed
         self.adaptive_noise, self.anadp_options = adaptive_noise, dict(anadp or {})
         self.ledger = PrivacyLedger(privacy)
@@ -201,7 +207,9 @@ class DPFirstOrder(MethodModule):
         empty = not batch["examples"]
         optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
-        if not empty:
+        if empty:
+            self.forward_passes += 1  # counted as if run: the cost must not reveal an empty batch
+        else:
             with self.per_example.capture(len(batch["examples"])):
                 losses = self.per_example_losses(batch)
             bad = ~torch.isfinite(losses.detach())
@@ -211,15 +219,14 @@ class DPFirstOrder(MethodModule):
             loss = losses.detach()[~bad].mean() if (~bad).any() else loss
         self.dp.pre_step(empty)
         optimizer.step()
-        n = max(len(batch["examples"]), 1)
         if not empty:
-            self.log("train/loss", loss, prog_bar=True, batch_size=n)
-            self.log("train/grad_norm_median", self.dp.last_norms.median(), batch_size=n)
-        self.log("train/batch_size", float(len(batch["examples"])), batch_size=n)
-        if isinstance(self.dp, AdaptiveNoiseDPOptimizer):
+            self.log_raw("train/loss", loss, prog_bar=True, batch_size=1)
+            self.log_raw("train/grad_norm_median", self.dp.last_norms.median(), batch_size=1)
+        self.log_raw("train/batch_size", float(len(batch["examples"])), batch_size=1)
+        if isinstance(self.dp, AdaptiveNoiseDPOptimizer):  # from the noised gradient: post-processing
             self.sigma_history.append(dict(self.dp.sigmas))
             for g, sigma in self.dp.sigmas.items():
-                self.log(f"anadp/sigma/{g}", sigma, batch_size=n)
+                self.log(f"anadp/sigma/{g}", sigma, batch_size=1)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,12 +250,14 @@ class DPFirstOrder(MethodModule):
 
     def privacy_block(self) -> dict[str, Any]:
         block = self.ledger.report()
-        block["dropped_nonfinite_examples"] = self.dp.dropped if self.dp else 0
         if isinstance(self.dp, AdaptiveNoiseDPOptimizer):
             block["group_clip"] = self.dp.group_clip
             block["final_group_noise_multipliers"] = dict(self.dp.sigmas)
             block["group_noise_multipliers_history"] = self.sigma_history[:: max(1, len(self.sigma_history) // 100)]
         return block
+
+    def raw_statistics(self) -> dict[str, Any]:
+        return {"dropped_nonfinite_examples": self.dp.dropped if self.dp else 0}
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {**super().hyperparameters(), "optimizer": self.optimizer_name, "clip": self.clip,

@@ -185,12 +185,16 @@ class GradientAutoEncoder(nn.Module):
 
 
 class FederatedLoRA(MethodModule):
-    """FedAvg (`aggregation=mean`), DP-FedAvg (`noisy_sum`) and DR-Encoder (`encoded`); one step = one round."""
+    """FedAvg (`aggregation=mean`), DP-FedAvg (`noisy_sum`) and DR-Encoder (`encoded`); one step = one round.
+
+    Gaussian noise only: a client's contribution is bounded in L2."""
+
+    noise_mechanisms = ("gaussian",)
 
     def __init__(self, *args: Any, fed: dict, aggregation: str = "mean", clip: float | None = None,
                  seed: int = 0, server_optimizer: str = "sgd", server_lr: float = 1.0,
                  privacy: PrivacySpec | None = None, prior_rounds: int = 0, encoder: dict | None = None,
-                 **kwargs: Any):
+                 sampling_seed: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"method.aggregation={aggregation!r} is not one of {AGGREGATIONS}")
@@ -198,8 +202,12 @@ class FederatedLoRA(MethodModule):
             raise ValueError(f"method.aggregation={aggregation} is {'not ' if privacy is None else ''}private")
         if privacy is not None and privacy.clip != clip:
             raise ValueError("the privacy statement was calibrated for another clip")
+        if privacy is not None:
+            self.check_mechanism(privacy.mechanism)
         self.fed = dict(fed)
         self.aggregation, self.clip, self.seed = aggregation, clip, seed
+        # who is sampled and which examples a client's local steps read (secure mode: a secret, see dpft.train)
+        self.sampling_seed = seed if sampling_seed is None else sampling_seed
         self.server_optimizer, self.server_lr = server_optimizer, server_lr
         self.privacy, self.prior_rounds = privacy, prior_rounds if aggregation == "encoded" else 0
         self.ledger = PrivacyLedger(privacy) if privacy is not None else None
@@ -270,11 +278,11 @@ class FederatedLoRA(MethodModule):
         total = torch.zeros(2 * len(numels), dtype=torch.float64)
         for r in range(self.prior_rounds):
             self.ledger.step()
-            generator = torch.Generator().manual_seed(derive_seed(derive_seed(self.seed, _PRIOR_SAMPLING), r))
+            generator = torch.Generator().manual_seed(derive_seed(derive_seed(self.sampling_seed, _PRIOR_SAMPLING), r))
             chosen = (torch.rand(n, generator=generator) < self.privacy.sample_rate).nonzero().flatten().tolist()
             round_sum = torch.zeros_like(total)
             for client in chosen:
-                update, _ = self.local_update(client, derive_seed(self.seed, -1 - r))
+                update, _ = self.local_update(client, derive_seed(self.sampling_seed, -1 - r))
                 round_sum += client_statistics([u.cpu() for u in clip_update(update, self.clip)], self.clip)
             self.prior_upload_bytes += len(chosen) * round_sum.numel() * 4
             round_sum += self.noise.sample(self.privacy.noise_multiplier * self.clip, tuple(round_sum.shape))
@@ -318,7 +326,7 @@ class FederatedLoRA(MethodModule):
         if self.ledger is not None:
             self.ledger.step()  # before any client touches its data: never past the budget
         clients = list(batch["clients"])
-        round_seed = derive_seed(derive_seed(self.seed, _LOCAL), self.steps_done)
+        round_seed = derive_seed(derive_seed(self.sampling_seed, _LOCAL), self.steps_done)
         results = [self.local_update(c, round_seed) for c in clients]
         updates = [u for u, _ in results]
         if self.aggregation != "encoded":
@@ -331,12 +339,12 @@ class FederatedLoRA(MethodModule):
         optimizer.step()
         self.sampled.append(len(clients))
         loss = torch.tensor(sum(value for _, value in results) / len(results) if results else math.nan)
-        n = max(len(clients), 1)
         if results:
-            self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("fed/clients", float(len(clients)), batch_size=n)
-        self.log("fed/update_norm", float(flat_norm(mean_update)), batch_size=n)
-        self.log("fed/upload_bytes", float(self.round_bytes[-1]), batch_size=n)
+            self.log_raw("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log_raw("fed/clients", float(len(clients)), batch_size=1)
+        self.log_raw("fed/upload_bytes", float(self.round_bytes[-1]), batch_size=1)
+        # the applied update: noised in private runs
+        self.log("fed/update_norm", float(flat_norm(mean_update)), batch_size=1)
         return loss
 
     # --- checkpoints and results --------------------------------------------------------------------------
@@ -364,19 +372,31 @@ class FederatedLoRA(MethodModule):
             self.ledger.load_state_dict(checkpoint["privacy_ledger"])
 
     def communication(self) -> dict[str, Any]:
+        """Upload sizes: per client and the expected per round (data-independent), and in runs that may release
+        raw statistics (`releases_raw`) the realised per-round counts, which reveal how many clients were sampled."""
         per_client = (self.autoencoder.code_numel if self.autoencoder is not None else self.update_numel) * 4
-        rounds, total = len(self.sampled), sum(self.round_bytes)
-        return {
-            "rounds": rounds, "clients_sampled": sum(self.sampled),
-            "upload_bytes_total": total,
-            "upload_bytes_mean_per_round": total / rounds if rounds else 0.0,
+        out = {
+            "rounds": len(self.sampled),
             "upload_bytes_per_client": per_client,
             "update_bytes_per_client": self.update_numel * 4,
             "compression_ratio": self.update_numel * 4 / per_client,
-            "prior_upload_bytes": self.prior_upload_bytes,
-            "clients_per_round": self.sampled,
-            "upload_bytes_per_round": self.round_bytes,
+            "expected_upload_bytes_per_round": per_client * (self.privacy.expected_batch_size if self.privacy
+                                                             else int(self.fed["clients_per_round"])),
         }
+        return {**out, **self._realised_communication()} if self.ledger is None else out
+
+    def _realised_communication(self) -> dict[str, Any]:
+        rounds, total = len(self.sampled), sum(self.round_bytes)
+        return {"clients_sampled": sum(self.sampled), "upload_bytes_total": total,
+                "upload_bytes_mean_per_round": total / rounds if rounds else 0.0,
+                "prior_upload_bytes": self.prior_upload_bytes, "clients_per_round": self.sampled,
+                "upload_bytes_per_round": self.round_bytes}
+
+    def raw_statistics(self) -> dict[str, Any]:
+        if self.ledger is None:
+            return {}
+        return {"nonfinite_client_updates": self.nonfinite_clients,
+                **{f"communication/{k}": v for k, v in self._realised_communication().items()}}
 
     def extra_results(self) -> dict[str, Any]:
         out: dict[str, Any] = {"communication": self.communication()}
@@ -394,7 +414,6 @@ class FederatedLoRA(MethodModule):
             return {**super().privacy_block(), "sampling": "clients_per_round clients without replacement"}
         block = self.ledger.report()
         block["prior_rounds"] = self.prior_rounds
-        block["nonfinite_client_updates"] = self.nonfinite_clients
         block["noise_placement"] = ("split over the round's clients before encoding" if self.aggregation == "encoded"
                                     else "server, on the sum")
         return block

@@ -328,6 +328,8 @@ class ZerothOrder(MethodModule):
     """
 
     dropout_in_training = False
+    # K scalars per step, each clipped to the bound: L2 sensitivity √K·bound, L1 K·bound (both accounted)
+    noise_mechanisms = ("gaussian", "laplace")
 
     def __init__(self, *args: Any, eps: float = 1e-3, seed: int = 0, directions: int = 1,
                  clip: float | None = None, clip_target: str | None = None,
@@ -346,6 +348,8 @@ class ZerothOrder(MethodModule):
         self.masks: list[torch.Tensor | None] | None = None
         if privacy is not None and (privacy.clip != clip or privacy.directions != directions):
             raise ValueError("the privacy statement was calibrated for another clip / number of directions")
+        if privacy is not None:
+            self.check_mechanism(privacy.mechanism)
 
     @property
     def private(self) -> bool:
@@ -383,6 +387,7 @@ class ZerothOrder(MethodModule):
 
         def closure() -> torch.Tensor:
             if empty:
+                self.forward_passes += 1  # counted as if run: the cost must not reveal an empty batch
                 return torch.zeros(0, device=self.device)
             losses = self.per_example_losses(batch)
             if not self.private:  # private estimators bound non-finite values and count them
@@ -390,12 +395,12 @@ class ZerothOrder(MethodModule):
             return losses
 
         loss = optimizer.step(closure=closure)
-        n = max(len(batch["examples"]), 1)
         if not empty:
-            self.log("train/loss", loss.mean(), prog_bar=True, batch_size=n)
-        self.log("train/projected_grad", optimizer.optimizer.state["zo"]["projected_grads"][0], batch_size=n)
+            self.log_raw("train/loss", loss.mean(), prog_bar=True, batch_size=1)
+        # the released (in private runs: noised) projected gradient
+        self.log("train/projected_grad", optimizer.optimizer.state["zo"]["projected_grads"][0], batch_size=1)
         if self.private:
-            self.log("train/batch_size", float(len(batch["examples"])), batch_size=n)
+            self.log_raw("train/batch_size", float(len(batch["examples"])), batch_size=1)
         return loss.mean() if not empty else loss.new_zeros(())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -416,9 +421,11 @@ class ZerothOrder(MethodModule):
             return super().privacy_block()
         block = self.ledger.report()
         block["clip_target"] = self.clip_target
-        estimator = self.optimizers().optimizer.estimator if self._trainer is not None else None
-        block["nonfinite_scalars"] = getattr(estimator, "nonfinite", 0)
         return block
+
+    def raw_statistics(self) -> dict[str, Any]:
+        estimator = self.optimizers().optimizer.estimator if self._trainer is not None else None
+        return {"nonfinite_scalars": getattr(estimator, "nonfinite", 0)} if self.private else {}
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed, "directions": self.directions,

@@ -100,7 +100,8 @@ def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: 
             high = mid
         else:
             low = mid
-    assert gaussian_epsilon(high, sample_rate, steps, target_delta, accountant) <= target_epsilon
+    if gaussian_epsilon(high, sample_rate, steps, target_delta, accountant) > target_epsilon:  # not an assert: -O
+        raise PrivacyConfigError(f"calibration failed: σ={high} overshoots ε={target_epsilon} on the reporting grid")
     return high
 
 
@@ -159,7 +160,8 @@ class PrivacySpec:
     comparison_delta: float = 1e-5  # δ at which a Laplace run's PLD (ε, δ) is reported
     adjacency: str = "add/remove one example"
     sampling: str = "Poisson"
-    secure_mode: bool = False  # noise from the OS CSPRNG instead of the seeded generator
+    secure_mode: bool = False  # sampling and noise from the OS CSPRNG instead of the seeded generators
+    large_delta_allowed: bool = False  # δ ≥ 1/n, run by explicit request (privacy.allow_large_delta=true)
 
     def epsilon(self, steps: int, accountant: str | None = None) -> float | None:
         """ε spent after `steps` (None where the accountant cannot analyse the run)."""
@@ -179,7 +181,7 @@ class PrivacySpec:
 def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_delta: float, dataset_size: int,
               expected_batch_size: float, steps: int, clip: float, directions: int = 1,
               secure_mode: bool = False, adjacency: str = "add/remove one example",
-              sampling: str = "Poisson") -> PrivacySpec:
+              sampling: str = "Poisson", large_delta_allowed: bool = False) -> PrivacySpec:
     """Calibrate the noise for (ε, δ, q, T) and return the run's privacy statement."""
     if dataset_size < 1:
         raise PrivacyConfigError("a private run needs a non-empty training set")
@@ -200,4 +202,4 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
                        expected_batch_size=float(expected_batch_size), dataset_size=dataset_size, steps=steps,
                        clip=float(clip), directions=directions, noise_multiplier=multiplier,
                        step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode),
-                       adjacency=adjacency, sampling=sampling)
+                       adjacency=adjacency, sampling=sampling, large_delta_allowed=bool(large_delta_allowed))

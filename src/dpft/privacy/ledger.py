@@ -78,6 +78,16 @@ class PrivacyLedger:
             "adjacency": spec.adjacency,
             "sampling": spec.sampling,
             "secure_mode": spec.secure_mode,
+            "randomness": ("OS CSPRNG: the sampling seed is a secret kept in the run's checkpoint only, noise is "
+                           "never replayed" if spec.secure_mode else
+                           "seeded from `seed` (reproducible: the guarantee assumes the sampling and noise seeds "
+                           "stay secret, which a published seed does not give: use secure mode to release)"),
+            "large_delta_allowed": spec.large_delta_allowed,
+            "covers": "the trainable weights and the privatised values logged in training (ε spent, noise scales, "
+                      "noised (projected) gradients or updates); evaluation on the dev and test splits is not "
+                      "training data",
+            "not_covered": "cost.* (time and peak memory vary with the sampled batch sizes) and anything under "
+                           "nonprivate_releases (privacy.diagnostics=true)",
         }
         if spec.mechanism == "gaussian":
             block["epsilon_rdp"] = self.epsilon_spent("rdp")
