@@ -100,7 +100,10 @@ def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: 
             high = mid
         else:
             low = mid
-    assert gaussian_epsilon(high, sample_rate, steps, target_delta, accountant) <= target_epsilon
+    # the search ran on the coarse grid; the reporting grid must agree (a real check: `python -O` drops asserts)
+    if (spent := gaussian_epsilon(high, sample_rate, steps, target_delta, accountant)) > target_epsilon:
+        raise RuntimeError(f"calibration found σ={high:.6g} but its ε={spent:.6g} exceeds "
+                           f"privacy.target_epsilon={target_epsilon}: report this as a bug")
     return high
 
 
