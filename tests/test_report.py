@@ -135,6 +135,7 @@ def test_dpzoso_delta_is_one_over_each_tasks_training_set_size():
      "give its source"),
     ("arms: [{method: mezo}]\ngrid: {seed: [0]}\nwhen: {lr=1: [method.lr=1]}", "when: 'lr=1'"),
     ("arms: [{method: mezo}, {method: mezo, overrides: [method.lr=1]}]", "repeat a method; give the variants a `name:`"),
+    ("arms: [{method: mezo}]\nselection: [1]", "selection: [1] should be a sentence saying how"),
 ])
 def test_bad_sweep_files_fail_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -323,6 +324,7 @@ def test_a_searched_report_says_where_the_validation_chosen_on_holds_other_seeds
     assert ("sst2-k512: data seed 13's validation split (chosen on) holds training examples of data seed 21 "
             f"({held[(13, 21)]}), data seed 42 ({held[(13, 42)]})") in lines
     assert any("read those training examples without noise" in line for line in lines)
+    assert lines[0].startswith("The arms' values (sweep file): chosen on data seed 42's validation split")
     monkeypatch.delenv("DPFT_DATA_DIR")
     without = build(load_local(tmp_path), load_sweep("cpu")).markdown()
     assert "not checked: no local data (set DPFT_DATA_DIR)" in without and "holds training examples" not in without

@@ -427,6 +427,8 @@ def _selection_data(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
+    if sweep.get("selection"):
+        report.selection.insert(0, f"The arms' values (sweep file): {sweep['selection'].strip()}")
     by_key = {c.key: c for c in report.cells}
     for spec in sweep.get("compare") or []:
         for cell in report.cells:
