@@ -4,9 +4,11 @@ deliberately broken ones are flagged (seeded: the outcomes are stable)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+from scipy.stats import beta
 
 from dpft.audit import compose_audit_config, main, run_audit
 from tests.conftest import requires_data
@@ -49,6 +51,37 @@ def test_a_sweep_writes_one_json_per_audit_and_one_table(tmp_path, capsys):
     assert "| dpsgd | none |" in table and "| dpsgd | no_noise |" in table and table.count("| method |") == 1
     with pytest.raises(SystemExit):  # several audits cannot share one file
         main(["method=dpzo,dpsgd", "--out", str(tmp_path / "audit.json")])
+
+
+def _clopper_pearson_epsilon(test: dict, delta: float, confidence: float) -> float:
+    """ε_lb of a test's counts by hand: one-sided Clopper–Pearson bounds at (1 − confidence)/2 per rate."""
+    a = (1 - confidence) / 2
+    tp, pos, fp, neg = test["true_positives"], test["positives"], test["false_positives"], test["negatives"]
+    tpr = beta.ppf(a, tp, pos - tp + 1) if tp else 0.0
+    fpr = beta.ppf(1 - a, fp + 1, neg - fp) if fp < neg else 1.0
+    bounds = [math.log((tpr - delta) / fpr)] if tpr > delta else []
+    bounds += [math.log((1 - fpr - delta) / (1 - tpr))] if 1 - fpr > delta else []
+    return max([0.0, *bounds])
+
+
+def test_the_audits_of_one_invocation_hold_together_at_the_familywise_confidence(tmp_path, capsys):
+    """Two audits at audit.confidence=0.95: each bound is at 1 − 0.05/2 (Bonferroni), so a false violation in
+    either has probability at most 5%; the JSON says both levels."""
+    main(["method=dpsgd", "broken=none,no_noise", "audit.trials=60", *FAST, "--out", str(tmp_path)])
+    for name in ("none", "no_noise"):
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["family_size"] == 2 and record["familywise_confidence"] == 0.95
+        assert record["confidence"] == pytest.approx(0.975, abs=1e-12)
+        corrected = _clopper_pearson_epsilon(record["test"], record["delta"], 0.975)
+        assert record["epsilon_lower_bound"] == pytest.approx(corrected, rel=1e-9, abs=1e-12)
+    # without noise the worlds separate: the corrected bound (1.14 from 30 held-out trials) is below the
+    # uncorrected one (1.35), and it is the ceiling at 0.975
+    assert record["test"]["true_positives"] == record["test"]["positives"] and record["test"]["false_positives"] == 0
+    assert 0 < record["epsilon_lower_bound"] < _clopper_pearson_epsilon(record["test"], record["delta"], 0.95)
+    assert record["epsilon_ceiling"] == pytest.approx(record["epsilon_lower_bound"])
+    assert "Family-wise confidence 0.95 over the 2 audits (Bonferroni: each at 0.975)." in capsys.readouterr().out
+    with pytest.raises(ValueError, match="audit.confidence=0.9,0.95: the audits of one invocation share one"):
+        main(["method=dpsgd", "audit.confidence=0.9,0.95", *FAST])
 
 
 @pytest.mark.parametrize("method", ["dpzo", "dpsgd"])

@@ -3,8 +3,10 @@ search selection and missing list; the W&B reading path; the launcher configs.""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
+import os
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,6 +135,7 @@ def test_dpzoso_delta_is_one_over_each_tasks_training_set_size():
      "give its source"),
     ("arms: [{method: mezo}]\ngrid: {seed: [0]}\nwhen: {lr=1: [method.lr=1]}", "when: 'lr=1'"),
     ("arms: [{method: mezo}, {method: mezo, overrides: [method.lr=1]}]", "repeat a method; give the variants a `name:`"),
+    ("arms: [{method: mezo}]\nselection: [1]", "selection: [1] should be a sentence saying how"),
 ])
 def test_bad_sweep_files_fail_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -185,14 +188,15 @@ def test_when_splits_the_multirun_on_its_key():
 
 # --- the report -------------------------------------------------------------------------------------------
 def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed",
-          model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0) -> None:
+          model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0,
+          data_seed: int = 42, privacy: dict | None = None, lr: float | None = None) -> None:
     metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
-    results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": 42,
-               "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99}, "cost": {},
-               "config": {"method": {"clip": clip}}}
+    results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": data_seed,
+               "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99, **(privacy or {})},
+               "cost": {}, "config": {"method": {"clip": clip, "lr": lr}}}
     if status != "completed":
         results["error"] = "ValueError: out of budget"
-    write_results(results, folder / f"{method}-{eps}-{seed}-{clip}-{status}" / "results.json")
+    write_results(results, folder / f"{method}-{eps}-{seed}-{data_seed}-{clip}-{lr}-{status}" / "results.json")
 
 
 def test_report_means_standard_errors_references_and_missing(tmp_path):
@@ -241,6 +245,89 @@ def test_report_keeps_the_searched_configuration_with_the_best_validation_metric
     _fake(unvalidated, "dpzero", 2.0, 0, acc=60.0, clip=200.0)
     with pytest.raises(ValueError, match="no validation metric to choose by: run searches with validate=true"):
         build(load_local(unvalidated), load_sweep("dpzero_roberta"))
+
+
+def _gaussian(sigma: float, q: float, steps: int, delta: float = 1e-5) -> dict:
+    return {"mechanism": "gaussian", "step_noise_multiplier": sigma, "sample_rate": q, "steps": steps,
+            "target_delta": delta}
+
+
+def test_a_searched_cell_reports_the_epsilon_of_all_its_runs_composed(tmp_path):
+    """The ε of the selection composes every run the search looked at (configurations × seeds × data seeds),
+    checked by hand: identical runs compose to one run of all their steps; heterogeneous ones to the sum of
+    their RDP curves; pure-ε runs to the sum of their ε."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+    identical = _gaussian(1.1, 64 / 1024, 500)  # 2 clips × 2 seeds × 2 data seeds: 8 runs of 500 steps
+    for clip, seed, data_seed in itertools.product((100.0, 200.0), (0, 1), (42, 13)):
+        _fake(tmp_path, "dpzero", 2.0, seed, acc=80.0, val=70.0 + clip / 100, clip=clip, data_seed=data_seed,
+              privacy=identical)
+    # DP-SGD at ε = 6: two configurations of other steps, noise and sampling (e.g. a searched number of steps)
+    short, long = _gaussian(0.9, 0.05, 300), _gaussian(1.3, 0.1, 1000)
+    for seed in (0, 1):
+        _fake(tmp_path, "dpsgd", 6.0, seed, acc=85.0, val=80.0, clip=0.1, privacy=short)
+        _fake(tmp_path, "dpsgd", 6.0, seed, acc=86.0, val=81.0, clip=1.0, privacy=long)
+    _fake(tmp_path, "dpsgd", 6.0, 2, acc=0.0, clip=1.0, status="failed")
+    out = report(tmp_path, table="dpzero_roberta")
+    cells = {c.method: c for c in out.cells}
+
+    accountant = RdpAccountant()
+    accountant.compose(SelfComposedDpEvent(PoissonSampledDpEvent(64 / 1024, GaussianDpEvent(1.1)), 8 * 500))
+    expected = accountant.get_epsilon(1e-5)
+    dpzero = cells["dpzero"]
+    assert (dpzero.selection_epsilon, dpzero.selection_delta, dpzero.selection_runs) == (
+        pytest.approx(expected, rel=1e-9), 1e-5, 8)
+    orders = rdp.DEFAULT_RDP_ORDERS
+    curve = sum(2 * b["steps"] * rdp._compute_rdp_poisson_subsampled_gaussian(b["sample_rate"],
+                                                                            b["step_noise_multiplier"], orders)
+                for b in (short, long))
+    assert cells["dpsgd"].selection_epsilon == pytest.approx(rdp.compute_epsilon(orders, curve, 1e-5)[0], rel=1e-9)
+    assert cells["dpsgd"].selection_runs == 4  # the failed run is named, not composed
+    # in table.md and table.csv, beside per-run ε, with the bound's name and δ
+    table = (tmp_path / "table.md").read_text()
+    assert f"| method.clip=200.0 (of 2) | {expected:.3g} (8 runs, δ=1e-05) |" in table
+    assert "RDP accountant at the runs' target δ" in table and "Papernot & Steinke" in table
+    assert "sst2-k512 / roberta-large / dpsgd / ε=6: 1 run(s) of the search did not complete" in table
+    with (tmp_path / "table.csv").open() as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert float(rows["dpzero"]["selection_epsilon"]) == pytest.approx(expected, rel=1e-9)
+    assert rows["dpzero"]["selection_runs"] == "8" and float(rows["dpzero"]["selection_delta"]) == 1e-5
+
+    # pure ε (Laplace): T·log(1 + q(e^{K/b} − 1)) per run, added over the 3 learning rates
+    laplace = {"mechanism": "laplace", "noise_multiplier": 50.0, "sample_rate": 16 / 1000, "steps": 200,
+               "directions": 1, "target_delta": 0.0}
+    for lr in (1e-6, 5e-7, 1e-7):
+        _fake(tmp_path / "laplace", "dpzo_laplace", 4.0, 0, acc=50.0, val=40.0 + lr * 1e6, task="sst2",
+              model="opt-66b", lr=lr, privacy=laplace)
+    (cell,) = build(load_local(tmp_path / "laplace"), load_sweep("dpzo_opt")).cells
+    assert cell.selection_epsilon == pytest.approx(3 * 200 * math.log(1 + 16 / 1000 * math.expm1(1 / 50)), rel=1e-12)
+    assert cell.selection_delta == 0.0 and cell.selection_runs == 3
+
+
+@requires_data
+def test_a_searched_report_says_where_the_validation_chosen_on_holds_other_seeds_training_data(tmp_path, monkeypatch):
+    for clip, data_seed in itertools.product((1.0, 2.0), (42, 13, 21)):
+        _fake(tmp_path, "dpzero", 2.0, 0, acc=80.0, val=70.0 + clip, clip=clip, data_seed=data_seed,
+              model="minilm-l6", privacy=_gaussian(2.1, 32 / 1024, 1000))
+
+    def sentences(seed: int, split: str) -> set[str]:  # the LM-BFF files read by hand (sentence<TAB>label)
+        path = Path(os.environ["DPFT_DATA_DIR"]) / "SST-2" / "k-shot-1k-test" / f"512-{seed}" / f"{split}.tsv"
+        return {line.split("\t")[0] for line in path.read_text().splitlines()[1:]}
+
+    held = {(s, t): len(sentences(s, "dev") & sentences(t, "train")) for s in (42, 13, 21) for t in (42, 13, 21)}
+    assert held[(42, 13)] == 10 and held[(42, 21)] == 14 and held[(42, 42)] == 0  # the figures of the issue
+    lines = build(load_local(tmp_path), load_sweep("cpu")).selection
+    assert ("sst2-k512: data seed 42's validation split (chosen on) holds training examples of data seed 13 "
+            f"({held[(42, 13)]}), data seed 21 ({held[(42, 21)]})") in lines
+    assert ("sst2-k512: data seed 13's validation split (chosen on) holds training examples of data seed 21 "
+            f"({held[(13, 21)]}), data seed 42 ({held[(13, 42)]})") in lines
+    assert any("read those training examples without noise" in line for line in lines)
+    assert lines[0].startswith("The arms' values (sweep file): chosen on data seed 42's validation split")
+    monkeypatch.delenv("DPFT_DATA_DIR")
+    without = build(load_local(tmp_path), load_sweep("cpu")).markdown()
+    assert "not checked: no local data (set DPFT_DATA_DIR)" in without and "holds training examples" not in without
 
 
 def test_report_shows_method_minus_baseline_with_the_papers_difference(tmp_path):

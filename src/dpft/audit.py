@@ -371,15 +371,24 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def run_audit(cfg: DictConfig) -> dict[str, Any]:
-    """Audit one configuration; returns the record written to audit.json."""
+def run_audit(cfg: DictConfig, family_size: int = 1) -> dict[str, Any]:
+    """Audit one configuration, one of `family_size` run together; returns the record written to audit.json.
+
+    `audit.confidence` is the family-wise confidence: each audit's bound is at 1 − (1 − confidence)/family_size
+    (Bonferroni), so that a false violation anywhere in the family has probability at most 1 − confidence.
+    """
     cfg = copy.deepcopy(cfg)
     validate_audit(cfg)
+    if not (isinstance(family_size, int) and family_size >= 1):
+        raise ValueError(f"family_size={family_size!r} is invalid: must be the number of audits run together (>= 1)")
+    familywise = float(cfg.audit.confidence)
+    with open_dict(cfg):
+        cfg.audit.confidence = 1 - (1 - familywise) / family_size
     with torch_threads(cfg.audit.threads):
-        return _play(cfg)
+        return _play(cfg, family_size, familywise)
 
 
-def _play(cfg: DictConfig) -> dict[str, Any]:
+def _play(cfg: DictConfig, family_size: int, familywise: float) -> dict[str, Any]:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task_from_config(cfg.task)
@@ -436,7 +445,9 @@ def _play(cfg: DictConfig) -> dict[str, Any]:
         "claimed_epsilon": claimed,
         "delta": spec.target_delta,
         "epsilon_lower_bound": outcome.epsilon_lower_bound,
-        "confidence": outcome.confidence,
+        "confidence": outcome.confidence,  # this audit's: Bonferroni's share of the family's error rate
+        "family_size": family_size,
+        "familywise_confidence": familywise,
         "trials": trials,
         "verdict": "violation" if outcome.epsilon_lower_bound > claimed else "consistent",
         "epsilon_ceiling": outcome.epsilon_ceiling,
@@ -490,17 +501,26 @@ def format_audit_table(records: list[dict[str, Any]]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in records:
         lines.append(f"| {r['method']} | {r['broken']} | {r['claimed_epsilon']:.3f} | {r['delta']:g} | "
-                     f"{r['epsilon_lower_bound']:.3f} | {r['confidence']:g} | {r['trials']} | {r['verdict']} | "
+                     f"{r['epsilon_lower_bound']:.3f} | {r['confidence']:.4g} | {r['trials']} | {r['verdict']} | "
                      f"{r['seconds']['total']:.1f} |")
+    if records and records[0].get("family_size", 1) > 1:
+        lines.append(f"\nFamily-wise confidence {records[0]['familywise_confidence']:g} over the "
+                     f"{records[0]['family_size']} audits (Bonferroni: each at {records[0]['confidence']:.4g}).")
     return "\n".join(lines)
 
 
 def run_audits(jobs: list[list[str]], overrides: list[str], out: Path | None = None) -> list[dict[str, Any]]:
-    """Audit each job (the expanded `overrides`); write the records to `out` (a .json file for a single
-    job, else a folder) when given."""
+    """Audit each job (the expanded `overrides`) as one family (Bonferroni over the jobs); write the records to
+    `out` (a .json file for a single job, else a folder) when given."""
+    configs = [compose_audit_config(job) for job in jobs]
+    for cfg in configs:  # every job's settings, before the first audit runs
+        validate_audit(cfg)
+    if len(levels := sorted({float(cfg.audit.confidence) for cfg in configs})) > 1:
+        raise ValueError(f"audit.confidence={','.join(map(str, levels))}: the audits of one invocation share one "
+                         "family-wise confidence; give one value (or run them separately)")
     records = []
-    for job in jobs:
-        record = {**run_audit(compose_audit_config(job)), "overrides": job}
+    for job, cfg in zip(jobs, configs):
+        record = {**run_audit(cfg, family_size=len(jobs)), "overrides": job}
         records.append(record)
         if out is not None:
             write_results(record, out if out.suffix == ".json" else out / f"{_job_name(job, overrides, record)}.json")

@@ -33,7 +33,7 @@ from dpft.checkpointing import (
 from dpft.config import CONFIG_DIR
 from dpft.data.datamodule import TaskDataModule
 from dpft.data.federated import FederatedDataModule
-from dpft.data.tasks import build_task
+from dpft.data.tasks import build_task_from_config
 from dpft.distributed import DeviceMapStrategy
 from dpft.methods.base import MethodModule
 from dpft.models.loading import count_parameters, init_classifier_head, load_model, load_tokenizer
@@ -49,15 +49,6 @@ log = logging.getLogger("dpft")
 # method-config keys that configure the run, not the LightningModule's constructor
 RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private", "trainable", "mechanism",
             "federated")
-# task-config keys read here; the others (num_train, ...) are options of the task's protocol
-TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
-
-
-def build_task_from_config(task_cfg: DictConfig):
-    options = {k: v for k, v in task_cfg.items() if k not in TASK_RUN_KEYS}
-    return build_task(task_cfg.name, task_cfg.get("data_seed"), **options)
-
-
 def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) -> MethodModule:
     kwargs = {k: v for k, v in cfg.method.items() if k not in RUN_KEYS}
     if cfg.method.get("federated"):  # the federation's settings (the `fed` block) go to the method as one dict

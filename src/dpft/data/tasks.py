@@ -15,7 +15,7 @@ drop) and ``dpft.data.kshot`` (LM-BFF k-shot splits: sst2-k16 ... qqp-k512). Use
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -113,6 +113,16 @@ def build_task(name: str, data_seed: int | None = None, **options: Any) -> Task:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     cls = TASKS[name]
     return cls(options=options) if data_seed is None else cls(data_seed=int(data_seed), options=options)
+
+
+# task-config keys a run reads itself; the others (num_train, ...) are options of the task's protocol
+TASK_RUN_KEYS = ("name", "data_seed", "max_length", "max_new_tokens")
+
+
+def build_task_from_config(task_cfg: Mapping[str, Any]) -> Task:
+    """The task of a run's `task` config (a DictConfig, or the dict stored in its results.json)."""
+    options = {k: v for k, v in task_cfg.items() if k not in TASK_RUN_KEYS}
+    return build_task(task_cfg["name"], task_cfg.get("data_seed"), **options)
 
 
 # --- helpers shared by the families ---------------------------------------------------------------

@@ -14,8 +14,10 @@ Adjacency: add/remove one example. Sampling: Poisson with rate q. One step relea
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
@@ -100,8 +102,10 @@ def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: 
             high = mid
         else:
             low = mid
-    if gaussian_epsilon(high, sample_rate, steps, target_delta, accountant) > target_epsilon:  # not an assert: -O
-        raise PrivacyConfigError(f"calibration failed: σ={high} overshoots ε={target_epsilon} on the reporting grid")
+    # the search ran on the coarse grid; the reporting grid must agree (a real check: `python -O` drops asserts)
+    if (spent := gaussian_epsilon(high, sample_rate, steps, target_delta, accountant)) > target_epsilon:
+        raise RuntimeError(f"calibration found σ={high:.6g} but its ε={spent:.6g} exceeds "
+                           f"privacy.target_epsilon={target_epsilon}: report this as a bug")
     return high
 
 
@@ -137,6 +141,39 @@ def laplace_pld_epsilon(noise_scale_over_clip: float, sample_rate: float, steps:
     acc.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(sample_rate, dpa.LaplaceDpEvent(noise_scale_over_clip)), steps))
     return float(acc.get_epsilon(delta))
+
+
+def composed_epsilon(blocks: Iterable[Mapping[str, Any]]) -> tuple[float, float]:
+    """(ε, δ) of running all these runs on the same data (each a results.json privacy block): the Gaussian
+    runs, each `steps` Poisson-subsampled Gaussian steps of its step noise multiplier, compose in one RDP
+    accountant (exact composition, never tighter than PLD) and δ is their smallest target δ; pure-ε
+    (Laplace) runs add their ε (basic composition, δ = 0). A non-private run makes ε infinite."""
+    accountant, pure, deltas = rdp.RdpAccountant(), 0.0, []
+
+    def field(block: Mapping[str, Any], key: str) -> Any:
+        if block.get(key) is None:
+            raise PrivacyConfigError(f"a {block.get('mechanism')} run's privacy block has no {key!r}: it was "
+                                     "written by an older version; rerun it to have it composed")
+        return block[key]
+
+    for block in blocks:
+        mechanism = block.get("mechanism")
+        if mechanism == "none":
+            return math.inf, 0.0
+        if mechanism not in MECHANISMS:
+            raise PrivacyConfigError(f"privacy.mechanism={mechanism!r} of a run is not one of "
+                                     f"{('none', *MECHANISMS)}: cannot compose it")
+        steps = int(field(block, "steps"))
+        if mechanism == "laplace":
+            pure += laplace_pure_epsilon(float(field(block, "noise_multiplier")), float(field(block, "sample_rate")),
+                                         steps, int(block.get("directions") or 1))
+        else:
+            deltas.append(float(field(block, "target_delta")))
+            if steps:
+                accountant.compose(gaussian_event(float(field(block, "step_noise_multiplier")),
+                                                  float(field(block, "sample_rate")), steps))
+    delta = min(deltas, default=0.0)
+    return pure + (float(accountant.get_epsilon(delta)) if deltas else 0.0), delta
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ data seeds) of the main test metric (accuracy, or F1 for generation tasks). With
 name or a sweep file's path), the sweep supplies the expected grid (for the list of missing cells),
 the papers' reference values (shown beside each cell with the difference), the comparisons to show
 (method - baseline per cell) and the searched hyperparameters (per cell, the values with the best
-mean validation metric are kept). `--log-wandb` logs the report as a W&B run of its own (job type
+mean validation metric are kept, and beside per-run ε the ε of the whole search: every run of the cell's
+search composed). `--log-wandb` logs the report as a W&B run of its own (job type
 "report", the table's group): the table as a W&B Table and the plot as an image.
 """
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dpft.data.tasks import build_task_from_config, data_dir
+from dpft.privacy.accounting import PrivacyConfigError, composed_epsilon
 from dpft.report.sweeps import job_method, load_sweep, privacy_epsilon, search_keys
 from dpft.report.sweeps import jobs as sweep_jobs
 from dpft.results import results_from_summary
@@ -45,6 +48,10 @@ class Cell:
     source: str | None = None
     selected: dict[str, Any] = field(default_factory=dict)  # searched values kept (best validation metric)
     tried: int = 1  # searched configurations seen for this cell
+    # a searched cell: (ε, δ) of all its runs composed (the search and the choice), and how many runs
+    selection_epsilon: float | None = None
+    selection_delta: float | None = None
+    selection_runs: int = 0
 
     @property
     def mean(self) -> float:
@@ -82,6 +89,16 @@ def _eps(value: float) -> str:
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
+
+
+def _selection_text(row: dict[str, Any], latex: bool = False) -> str:
+    """A searched cell's ε of the selection with its runs (and δ); a dash for a cell that was not searched."""
+    eps = row["selection_epsilon"]
+    if eps is None:
+        return "--" if latex else "–" if row["tried"] < 2 else "not computed (see below)"
+    if latex:
+        return (r"$\infty$" if math.isinf(eps) else f"{eps:.3g}") + f" ({row['selection_runs']})"
+    return f"{_eps(eps) if math.isinf(eps) else format(eps, '.3g')} ({row['selection_runs']} runs, δ={row['selection_delta']:g})"
 
 
 # --- loading: local results.json files or W&B run summaries, both as results dicts ------------------------
@@ -150,6 +167,7 @@ class Report:
     comparisons: list[Comparison] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     table: str | None = None
+    selection: list[str] = field(default_factory=list)  # how the hyperparameters were chosen, and its ε
 
     def select(self, methods=None, tasks=None, models=None) -> Report:
         """The report restricted to some methods, tasks or models (None keeps all): for notebooks."""
@@ -171,6 +189,8 @@ class Report:
                 "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
                 "difference": None if c.reference is None else c.mean - c.reference, "reference_source": c.source,
                 "selected": " ".join(f"{k}={v}" for k, v in c.selected.items()) or None, "tried": c.tried,
+                "selection_epsilon": c.selection_epsilon, "selection_delta": c.selection_delta,
+                "selection_runs": c.selection_runs or None,
                 "baseline": cmp and f"{cmp.baseline.method} (ε={_eps(cmp.baseline.epsilon)})",
                 "vs_baseline": cmp and cmp.difference, "vs_baseline_stderr": cmp and cmp.stderr,
                 "vs_baseline_reference": cmp and cmp.reference,
@@ -190,13 +210,13 @@ class Report:
         rows = self.rows()
         searched = any(r["selected"] for r in rows)
         head = ["task", "model", "method", "ε target", "ε spent", "n", "test (mean ± s.e.)", "paper", "Δ"]
-        lines = ["| " + " | ".join(head + (["selected (best val)"] if searched else [])) + " |",
-                 "|" + "---|" * (len(head) + searched)]
+        head += ["selected (best val)", "ε of the selection (all runs composed)"] if searched else []
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["task"], r["model"], r["method"], r["epsilon"], _fmt(r["epsilon_spent"], ".3g"), str(r["n"]),
                      f"{r['mean']:.1f} ± {r['stderr']:.1f}", _fmt(r["reference"]), _fmt(r["difference"], "+.1f")]
             if searched:
-                cells.append(f"{r['selected']} (of {r['tried']})" if r["selected"] else "–")
+                cells += [f"{r['selected']} (of {r['tried']})" if r["selected"] else "–", _selection_text(r)]
             lines.append("| " + " | ".join(cells) + " |")
         if self.comparisons:
             lines += ["", "Differences (method − baseline, ± s.e.):", "",
@@ -206,6 +226,8 @@ class Report:
                 lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.method} | {c.baseline.method} (ε="
                              f"{_eps(c.baseline.epsilon)}) | {_eps(c.cell.epsilon)} | {c.difference:+.1f} ± "
                              f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')} | {_fmt(paper_delta, '+.1f')} |")
+        if self.selection:
+            lines += ["", "Hyperparameter selection:", *[f"- {line}" for line in self.selection]]
         if self.sources:
             lines += ["", "Paper values: " + "; ".join(self.sources) + "."]
         if self.missing:
@@ -222,15 +244,18 @@ class Report:
         def eps(value: float) -> str:
             return r"$\infty$" if math.isinf(value) else f"{value:g}"
 
-        lines = [r"\begin{tabular}{llllrrrrl}", r"\toprule",
-                 r"Task & Model & Method & $\varepsilon$ & $\varepsilon$ spent & $n$ & Test & Paper & $\Delta$ \\",
-                 r"\midrule"]
-        for c, r in zip(self.cells, self.rows()):
+        rows = self.rows()
+        searched = any(r["selected"] for r in rows)
+        lines = [r"\begin{tabular}{llllrrrrl" + "r" * searched + "}", r"\toprule",
+                 r"Task & Model & Method & $\varepsilon$ & $\varepsilon$ spent & $n$ & Test & Paper & $\Delta$"
+                 + r" & $\varepsilon$ of the selection (runs)" * searched + r" \\", r"\midrule"]
+        for c, r in zip(self.cells, rows):
             diff = None if c.reference is None else c.mean - c.reference
+            selection = f" & {_selection_text(r, latex=True)}" if searched else ""
             lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.method)} & {eps(c.epsilon)} & "
                          f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
                          f"{c.mean:.1f} $\\pm$ {c.stderr:.1f} & {_fmt(c.reference).replace('–', '--')} & "
-                         f"{_fmt(diff, '+.1f').replace('–', '--')} \\\\")
+                         f"{_fmt(diff, '+.1f').replace('–', '--')}{selection} \\\\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         if self.comparisons:
             lines += ["", r"\begin{tabular}{lllll}", r"\toprule",
@@ -308,33 +333,102 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
     and per cell the searched configuration with the best mean validation metric."""
     searched = search_keys(sweep) if sweep else []
     groups: dict[CellKey, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    failed = []
+    failed, left_out = [], defaultdict(int)
     for r in results:
-        if r.get("status") != "completed":
-            failed.append({"path": r.get("source"), "error": _error_line(r)})
-        elif main_metric(r) is None:
-            failed.append({"path": r.get("source"), "error": "no test metric"})
+        if r.get("status") != "completed" or main_metric(r) is None:
+            failed.append({"path": r.get("source"), "error": _error_line(r) if r.get("status") != "completed"
+                           else "no test metric"})
+            try:
+                left_out[(r["task"], r["model"], r["method"], _epsilon(r))] += 1
+            except (KeyError, TypeError, ValueError):  # too broken to name its cell
+                pass
         else:
             key = (r["task"], r["model"], r["method"], _epsilon(r))
             groups[key][tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
-    cells = []
+    cells, selection = [], []
     for key, configurations in sorted(groups.items()):
         if len(configurations) > 1 and all(_validation(runs) == -math.inf for runs in configurations.values()):
             raise ValueError(f"cell {key}: {len(configurations)} searched configurations of {searched} but no "
                              "validation metric to choose by: run searches with validate=true")
         choice, runs = max(sorted(configurations.items(), key=str), key=lambda item: _validation(item[1]))
         varied = [i for i in range(len(searched)) if len({c[i] for c in configurations}) > 1]
-        cells.append(Cell(*key, values=[main_metric(r) for r in runs],
-                          spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
-                                 if r["privacy"].get("epsilon_spent") is not None],
-                          selected={searched[i]: choice[i] for i in varied}, tried=len(configurations)))
-    report = Report(cells, failed, table=sweep.get("table") if sweep else None)
+        cell = Cell(*key, values=[main_metric(r) for r in runs],
+                    spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
+                           if r["privacy"].get("epsilon_spent") is not None],
+                    selected={searched[i]: choice[i] for i in varied}, tried=len(configurations))
+        cells.append(cell)
+        if len(configurations) > 1:
+            selection += _charge_selection(cell, [r for rs in configurations.values() for r in rs], left_out[key])
+    if any(c.selection_runs for c in cells):
+        searched_runs = [r for c in groups.values() if len(c) > 1 for rs in c.values() for r in rs]
+        selection = [SELECTION_BOUND, *selection, *_selection_data(searched_runs)]
+    report = Report(cells, failed, table=sweep.get("table") if sweep else None, selection=selection)
     if sweep:
         _attach_sweep(report, sweep)
     return report
 
 
+SELECTION_BOUND = (
+    "ε of the selection: per searched cell, all runs of its search (configurations × seeds × data seeds: the "
+    "data seeds' training sets are drawn from one pool) composed by dp-accounting's RDP accountant at the runs' "
+    "target δ (pure-ε runs add up): a bound on the runs and the choice among them, which treats the validation "
+    "split as public. Papernot & Steinke (2022) bound random search with a random number of runs, not this grid "
+    "search: their result is not used.")
+
+
+def _charge_selection(cell: Cell, runs: list[dict[str, Any]], left_out: int) -> list[str]:
+    """Compose every run of a searched cell into its ε of the selection; the lines to say beside it."""
+    name = f"{cell.task} / {cell.model} / {cell.method} / ε={_eps(cell.epsilon)}"
+    try:
+        cell.selection_epsilon, cell.selection_delta = composed_epsilon(r["privacy"] for r in runs)
+    except PrivacyConfigError as err:
+        return [f"{name}: ε of the selection not computed: {err}"]
+    cell.selection_runs = len(runs)
+    return [f"{name}: {left_out} run(s) of the search did not complete and are not in its ε of the selection "
+            "(what they spent before failing is not recorded)"] if left_out else []
+
+
+def _selection_data(runs: list[dict[str, Any]]) -> list[str]:
+    """Where a validation split a search chose on (data seed s) holds training examples (by text) of data
+    seed s' of the same task: the choice read them without noise."""
+    if data_dir() is None:
+        return ["The overlap of the validation splits chosen on with the training splits was not checked: "
+                "no local data (set DPFT_DATA_DIR)."]
+    seeds: dict[str, set] = defaultdict(set)  # the task config less its data seed -> the data seeds
+    for r in runs:
+        task_cfg = {**((r.get("config") or {}).get("task") or {}), "name": r["task"]}
+        task_cfg.pop("data_seed", None)
+        seeds[json.dumps(task_cfg, sort_keys=True)].add(r.get("data_seed"))
+    lines, overlaps = [], []
+    for task_cfg, data_seeds in sorted(seeds.items()):
+        task = json.loads(task_cfg)
+        order = sorted(data_seeds, key=lambda s: -1 if s is None else int(s))
+        try:
+            texts = {s: {split: {json.dumps(e.fields, sort_keys=True, default=str) for e in examples}
+                         for split, examples in build_task_from_config({**task, "data_seed": s})
+                         .splits(("train", "val")).items()} for s in order}
+        except (OSError, ValueError) as err:  # a missing file, or a task with no local copy
+            lines.append(f"{task['name']}: the overlap of validation and training splits was not checked: {err}")
+            continue
+        found = []
+        for s in order:
+            held = [f"{'its own' if t == s else f'data seed {t}'} ({n})"
+                    for t in order if (n := len(texts[s]["val"] & texts[t]["train"]))]
+            if held:
+                found.append(f"{task['name']}: data seed {s}'s validation split (chosen on) holds training "
+                             "examples of " + ", ".join(held))
+        overlaps += found
+        lines += found or [f"{task['name']}: the validation splits of data seeds {', '.join(map(str, order))} "
+                           "share no example with their training splits"]
+    if overlaps:
+        lines.append("The choice read those training examples without noise: neither the per-run ε nor the ε of "
+                     "the selection covers them.")
+    return lines
+
+
 def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
+    if sweep.get("selection"):
+        report.selection.insert(0, f"The arms' values (sweep file): {sweep['selection'].strip()}")
     by_key = {c.key: c for c in report.cells}
     for spec in sweep.get("compare") or []:
         for cell in report.cells:
@@ -381,7 +475,7 @@ def log_to_wandb(report: Report, out: Path, project: str = "dpft", entity: str |
         "report/privacy_utility": wandb.Image(str(out / "privacy_utility.png")),
     })
     run.summary.update({"report/cells": len(report.cells), "report/missing": len(report.missing),
-                        "report/failed": len(report.failed)})
+                        "report/failed": len(report.failed), "report/selection": "\n".join(report.selection)})
     folder = Path(run.dir).parent
     run.finish()
     return folder

@@ -12,6 +12,8 @@ A sweep file holds:
   search:     method -> {key: values}: the grid a paper searched; off by default (the arm's chosen value
               runs), `--search [KEY ...]` or `--set KEY=V1,V2` runs it, and the report keeps per cell the
               values with the best mean validation metric
+  selection:  how the arms' values were chosen, and on what data (the report prints it): a choice made
+              on private runs is not in their per-run ε; `--search` runs and the report charges it
   compare:    [{method, baseline, baseline_epsilon?}]: the report shows method - baseline per cell
   reference:  the papers' values [{task, model, method, epsilon, value, source?}] (with `baseline:` a
               paper's method - baseline difference), `reference_source` the default source
@@ -37,8 +39,8 @@ from dpft.config import CONFIG_DIR
 SWEEPS_DIR = CONFIG_DIR.parent / "sweeps"
 # LAUNCHER -> conf/hydra/launcher/<config> (None: Hydra's basic launcher, one job after another)
 LAUNCHERS = {"basic": None, "joblib": "parallel", "slurm": "slurm", "slurm_multigpu": "slurm_multigpu"}
-SWEEP_KEYS = ("table", "description", "fixed", "grid", "arms", "when", "search", "compare", "reference_source",
-              "reference")
+SWEEP_KEYS = ("table", "description", "fixed", "grid", "arms", "when", "search", "selection", "compare",
+              "reference_source", "reference")
 REFERENCE_KEYS = ("task", "model", "method", "epsilon", "value")
 
 
@@ -99,6 +101,9 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
             if any(key not in c for c in chosen):  # else its runs are named apart from the searched ones
                 _fail(where, f"search.{method}.{key}: the arm must set its chosen value in its overrides "
                              f"(e.g. {key}={values[0]})")
+    if "selection" in sweep and not (isinstance(sweep["selection"], str) and sweep["selection"].strip()):
+        _fail(where, f"selection: {sweep['selection']!r} should be a sentence saying how the arms' values were "
+                     "chosen (e.g. 'the paper's values, chosen on public data')")
     for spec in sweep.get("compare") or []:
         for role in ("method", "baseline"):
             if spec.get(role) not in arm_methods:
