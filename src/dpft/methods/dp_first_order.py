@@ -202,7 +202,7 @@ class DPFirstOrder(MethodModule):
         optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         if not empty:
-            with self.per_example.capture(len(batch["examples"])):
+            with self.per_example.capture(len(batch["examples"]), batch.get("owner")):  # rows -> examples
                 losses = self.per_example_losses(batch)
             bad = ~torch.isfinite(losses.detach())
             self.per_example.drop(bad)
