@@ -16,10 +16,12 @@ from torch import nn
 
 from dpft.data import mezo
 from dpft.methods.dp_first_order import AdaptiveNoiseDPOptimizer, DPFirstOrder, DPOptimizer
+from dpft.models.loading import load_model
 from dpft.privacy.noise import NoiseSource
-from dpft.privacy.per_example import PerExampleGradients
+from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 from dpft.train import run
-from tests.conftest import requires_data
+from dpft.validation import ConfigError, validate_config
+from tests.conftest import compose_config, requires_data
 from tests.test_dp_first_order import _naive, _setup
 
 # ' abysmal' is three OPT tokens, ' not great' two: one row per candidate, of different lengths
@@ -268,3 +270,34 @@ def test_training_with_multi_token_label_words_clips_one_norm_per_example(make_c
     assert results["privacy"]["steps"] == 3 and batches
     assert all(rows == 2 * n for n, rows in batches)  # two rows per example
     assert norms == [n for n, _ in batches]
+
+
+BERT_ALL = ["model=minilm-l6", "task=sst2-k16", "method=dpsgd", "privacy=eps2", "method.trainable=all"]
+
+
+def test_bert_with_every_parameter_trainable_is_refused_before_data_loads(tmp_path, monkeypatch):
+    import dpft.train
+
+    def nothing(*args, **kwargs):
+        raise AssertionError("loaded before the per-example layers were checked")
+
+    monkeypatch.setattr(dpft.train, "build_task_from_config", nothing)
+    monkeypatch.setattr(dpft.train, "load_model", nothing)
+    with pytest.raises(ConfigError) as err:
+        run(compose_config(BERT_ALL, tmp_path / "run"))
+    message = str(err.value)
+    assert "\n" not in message and "method.trainable=all" in message
+    assert "'encoder.embeddings.position_embeddings'" in message and "method.trainable=no_embeddings" in message
+    for fine in (["method.trainable=no_embeddings"], ["method=dpsgd_lora"], ["method.trainable=head"]):
+        assert validate_config(compose_config([*BERT_ALL, *fine], tmp_path))
+
+
+def test_a_layer_input_shared_by_the_batch_is_refused_at_its_first_forward(monkeypatch):
+    """The guarantee behind the check before data: a BERT whose position embedding trains cannot step."""
+    cfg = compose_config(BERT_ALL)
+    model = load_model(cfg.model, num_labels=2)
+    per_example = PerExampleGradients(model, list(model.parameters()))
+    ids = torch.randint(1000, 2000, (3, 5))
+    with pytest.raises(UnsupportedLayerError, match=r"'encoder.embeddings.position_embeddings'.*\(1, 5\)"):
+        with per_example.capture(3):
+            model(ids, torch.ones_like(ids))

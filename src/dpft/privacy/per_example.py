@@ -18,6 +18,11 @@ rows an example owns laid end to end (zeros where it owns fewer than K). From th
 - the clipped sum Σ_i c_i ∇ℓ_i is then one weighted contraction per layer (c_i folded into g), with
   no per-example gradient ever stored for the whole model and no second backward.
 
+A layer whose input is not one per row (BERT's position embedding reads one [1, T] row of ids for the
+whole batch: its output gradient is already summed over the examples) has no per-example gradient; it
+is refused by name at its first forward pass (`dpft.validation` runs one on a weightless copy of the
+model before any data loads).
+
 `backward(loss)` differentiates to the hooked layers' outputs only (`torch.autograd.grad`): that gives
 every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
 fine-tuning backward costs its input gradients alone; `p.grad` stays None until the noise is added).
@@ -85,6 +90,7 @@ class PerExampleGradients:
                 f"{SUPPORTED_MODES}")
         if trainable - set(owner):
             raise UnsupportedLayerError(f"{len(trainable - set(owner))} trainable parameters belong to no layer")
+        self._names = {module: name for name, module in self.layers}
         self._capturing = False
         self.batch_size = self.rows = 0
         self._slots: tuple[torch.Tensor, int] | None = None  # (place of each row, K); None: row i is example i
@@ -153,7 +159,18 @@ class PerExampleGradients:
         if module in self._acts:
             raise UnsupportedLayerError(f"layer {type(module).__name__} is called twice in one forward pass; "
                                         "per-example gradients need one call per layer")
-        self._acts[module] = inputs[0].detach()
+        a = inputs[0]
+        # one input per forward row, or tokens flattened into the rows ([rows·T, d], OPT's MLP)
+        flat = a.dim() == 2 and not isinstance(module, nn.Embedding) and self.rows > 0
+        if a.dim() == 0 or not (a.shape[0] == self.rows or (flat and a.shape[0] % self.rows == 0)):
+            embedding = isinstance(module, nn.Embedding)
+            raise UnsupportedLayerError(
+                f"per-example gradients: layer {self._names[module]!r} ({type(module).__name__}) reads an input of "
+                f"shape {tuple(a.shape)}, not one per forward row ({self.rows} rows), so its gradient cannot be split "
+                f"by example{' (one row of position ids for the whole batch, as in BERT)' if embedding else ''}; "
+                f"freeze it{' (method.trainable=no_embeddings)' if embedding else ''} or use a supported mode: "
+                f"{SUPPORTED_MODES}")
+        self._acts[module] = a.detach()
         self._outputs[module] = output
 
     def backward(self, loss: torch.Tensor) -> None:
