@@ -207,7 +207,7 @@ class GradientRelease(Release):
     def _capture(self, batch: dict[str, Any]) -> None:
         """Per-example gradients of `batch` into the module's hooks (no .grad is touched)."""
         per_example = self.module.per_example
-        with torch.enable_grad(), per_example.capture(len(batch["examples"])):
+        with torch.enable_grad(), per_example.capture(len(batch["examples"]), batch.get("owner")):
             losses = self.module.scorer.losses(self.module.model, batch)
         per_example.backward(losses.sum())  # as training does
 

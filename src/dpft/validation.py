@@ -1,28 +1,34 @@
 """Every user-facing value that can be wrong, checked before any data or model is loaded.
 
-Each error names the config key, the value given and what is valid. Checks that need the data (batch
-size against the training-set size, a k-shot data seed without files) or the model (layers that
-per-example gradients cannot handle) happen where that is known, before the first step. Unknown
-options of a config group (`method=`, `model=`, `task=`, `privacy=`) are refused by Hydra with the
-list of valid ones.
+Each error names the config key, the value given and what is valid. What per-example gradients cannot
+bound (DP-SGD, DP-LoRA, ANADP) is found on a weightless copy of the model, built on the meta device from
+its configuration (`check_per_example_layers`). Checks that need the data (batch size against the
+training-set size, a k-shot data seed without files) happen where that is known, before the first step.
+Unknown options of a config group (`method=`, `model=`, `task=`, `privacy=`) are refused by Hydra with
+the list of valid ones.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
 from dpft.methods.zeroth_order import CLIP_TARGETS, Z_GENERATORS
-from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS
-from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES
+from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS, load_model
+from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
 from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
+from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
+
+log = logging.getLogger(__name__)
 
 PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
 # trainer precisions under which a ZO step can run (a GradScaler needs gradients: no 16-mixed)
@@ -108,7 +114,35 @@ def validate_config(cfg: DictConfig) -> bool:
     check_devices(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
-    return check_privacy_pair(cfg)
+    private = check_privacy_pair(cfg)
+    check_per_example_layers(cfg)
+    return private
+
+
+def check_per_example_layers(cfg: DictConfig) -> None:
+    """First-order private methods: refuse, by name, a trainable layer that per-example gradients cannot bound,
+    on the configured model built on the meta device (no weights, no data). Training's own checks run there:
+    the layer types and tied weights, then a forward pass of a dummy two-row batch, where every trainable layer
+    must read one input per row (BERT's position embedding reads one [1, T] row for the whole batch)."""
+    m = cfg.method
+    if not str(m.get("_target_", "")).endswith("DPFirstOrder"):
+        return
+    trainable, peft = m.get("trainable", "all"), (m.get("peft") or {}).get("mode", "none")
+    model = load_model(cfg.model, num_labels=2, meta=True)  # the head's width does not change what is supported
+    model = select_trainable(apply_peft(model, m.get("peft")), trainable)
+    try:
+        per_example = PerExampleGradients(model, [p for p in model.parameters() if p.requires_grad])
+        try:
+            with torch.enable_grad(), per_example.capture(2):
+                model(input_ids=torch.zeros((2, 3), dtype=torch.long, device="meta"))
+        except (RuntimeError, NotImplementedError) as err:  # the first training step checks the same, by name
+            log.debug("model=%s does not run on the meta device (%s): its layers' inputs are checked at the first "
+                      "step", cfg.model.name, err)
+        finally:
+            per_example.remove()
+    except UnsupportedLayerError as err:
+        raise ConfigError(f"model={cfg.model.name} with method.trainable={trainable}, method.peft.mode={peft}: "
+                          f"{err}") from None
 
 
 def check_devices(cfg: DictConfig) -> None:

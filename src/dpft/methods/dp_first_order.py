@@ -210,7 +210,7 @@ class DPFirstOrder(MethodModule):
         if empty:
             self.forward_passes += 1  # counted as if run: the cost must not reveal an empty batch
         else:
-            with self.per_example.capture(len(batch["examples"])):
+            with self.per_example.capture(len(batch["examples"]), batch.get("owner")):  # rows -> examples
                 losses = self.per_example_losses(batch)
             bad = ~torch.isfinite(losses.detach())
             self.per_example.drop(bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,14 @@ class MeanPoolClassifier(nn.Module):
 
     def _pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if attention_mask is None:  # every token is real
+            return hidden.mean(1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def pool(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-        if self.cache_features and not kwargs and not self.encoder.training and self.encoder_frozen:
+        if (self.cache_features and attention_mask is not None and not kwargs and not self.encoder.training
+                and self.encoder_frozen):
             return self._cached_pool(input_ids, attention_mask)
         return self._pool(input_ids, attention_mask, **kwargs)
 
@@ -122,7 +126,7 @@ class MeanPoolClassifier(nn.Module):
                 rows.append(self._features[key])
             return torch.stack(rows)
 
-    def forward(self, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         return self.head(self.pool(input_ids, attention_mask, **kwargs))
 
     @torch.no_grad()
@@ -146,8 +150,16 @@ def _check_head(model_cfg: Any, kind: str, missing: list[str]) -> None:
         )
 
 
-def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
-    """Instantiate `model_cfg.kind` from `pretrained` (Hub id / local folder / pkg:) or `config` (random)."""
+def load_model(model_cfg: Any, num_labels: int = 0, meta: bool = False) -> nn.Module:
+    """Instantiate `model_cfg.kind` from `pretrained` (Hub id / local folder / pkg:) or `config` (random).
+
+    `meta=True`: the same modules on the meta device, from the configuration alone (no weights read or
+    allocated), to check the architecture before any data loads."""
+    with torch.device("meta") if meta else nullcontext():
+        return _load_model(model_cfg, num_labels, meta)
+
+
+def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
     kind = model_cfg.kind
     if kind not in MODEL_KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {MODEL_KINDS}")
@@ -160,10 +172,13 @@ def load_model(model_cfg: Any, num_labels: int = 0) -> nn.Module:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if kind == "classifier" and AutoConfig.from_pretrained(source).model_type == "bert":
             kwargs["add_pooling_layer"] = False  # the head mean-pools; an unused pooler would only cost
-        if model_cfg.get("device_map"):
+        if model_cfg.get("device_map") and not meta:
             kwargs["device_map"] = model_cfg.device_map
         try:
-            model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+            if meta:  # the modules alone: no weights are read
+                model, info = auto.from_config(AutoConfig.from_pretrained(source), **kwargs), {}
+            else:
+                model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         except OSError as err:
             local = Path(source).exists()
             raise OSError(

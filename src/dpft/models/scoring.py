@@ -7,7 +7,9 @@ One scorer per model kind:
 - `MaskedLMScorer` (RoBERTa, LM-BFF): cross-entropy over the label words' logits at `<mask>`.
 - `ClassifierScorer` (MiniLM): cross-entropy over a classification head.
 
-Every loss is per example (`reduction="none"`): private methods clip per example.
+Every loss is per example (`reduction="none"`): private methods clip per example. A batch with several
+forward rows per example (one per candidate) maps each row to its example in `batch["owner"]`, which
+per-example gradients read to clip the example, not the row.
 """
 
 from __future__ import annotations

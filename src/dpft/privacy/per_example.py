@@ -1,13 +1,27 @@
 """Per-example gradient norms and clipped sums in one backward pass ("book-keeping").
 
+The unit of privacy is the example. A batch may hold several forward rows per example (a causal LM scores
+a classification task whose label words are not all one token with one row per candidate); `capture(B,
+owner)` takes the row → example map (`batch["owner"]`; none: row i is example i), and every rule below
+sees one example's rows as one sequence, so norms, clip factors, sums and the non-finite drop mask are
+per example whatever the rows.
+
 Forward hooks record each supported layer's input a, and one backward of Σ_i ℓ_i (`backward(loss)`) its
-output gradient g. From them, per example i and layer:
+output gradient g. Each layer's a and g are first put per row, [rows, T, d] (an input flattened to
+[rows·T, d], as OPT's MLP reads it, is cut by the number of rows), then per example, [B, K·T, d]: the
+rows an example owns laid end to end (zeros where it owns fewer than K). From them, per example i and layer:
 
 - norms: Linear ‖Σ_t g_itᵀ a_it‖², either materialised (B·d_out·d_in) or by the ghost-norm identity
-  Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·T²), whichever is smaller (layers that read one input, attention's
-  q, k and v, share its Gram a·aᵀ); LayerNorm and Embedding likewise;
+  Σ_{t,s} (a_it·a_is)(g_it·g_is) (B·(KT)²), whichever is smaller (layers that read one input, attention's
+  q, k and v, share its Gram a·aᵀ); t and s run over the tokens of all of i's rows. LayerNorm and
+  Embedding likewise;
 - the clipped sum Σ_i c_i ∇ℓ_i is then one weighted contraction per layer (c_i folded into g), with
   no per-example gradient ever stored for the whole model and no second backward.
+
+A layer whose input is not one per row (BERT's position embedding reads one [1, T] row of ids for the
+whole batch: its output gradient is already summed over the examples) has no per-example gradient; it
+is refused by name at its first forward pass (`dpft.validation` runs one on a weightless copy of the
+model before any data loads).
 
 `backward(loss)` differentiates to the hooked layers' outputs only (`torch.autograd.grad`): that gives
 every g the rules read, and autograd skips the weight gradients the clipped sum replaces (a full
@@ -15,10 +29,14 @@ fine-tuning backward costs its input gradients alone; `p.grad` stays None until 
 Not `loss.backward(inputs=outputs)` with tensor hooks: that also copies each g into the output's `.grad`,
 which at OPT-125m, 32 × 256 made the backward twice as slow (22.5–22.7 s against 11.0–11.8 s, dpft-bench's batch).
 
-Why not Opacus: its hooks fail on OPT full fine-tuning (and BERT's embeddings) under transformers 5
-here, and its ghost clipping needs a second backward pass. Why not `torch.func.vmap(grad)`: it materialises
-B × |θ| gradients and HF models are not all vmap-safe. This implementation needs only per-layer
-rules, and is checked against a one-example-at-a-time loop in the tests.
+Why not Opacus: its per-sample gradients follow the batch dimension of each layer's input, which is not
+the example here: on OPT it returns one gradient per token for fc1, fc2 and the blocks' final LayerNorm
+(OPT flattens the tokens before them), one per row elsewhere, and one for the whole batch for BERT's
+position embedding, so its own clipping fails ("stack expects each tensor to be equal size") or bounds
+rows, not examples; its ghost clipping also needs a second backward pass. Why not `torch.func.vmap(grad)`:
+it materialises B × |θ| gradients and HF models are not all vmap-safe. This implementation needs only
+per-layer rules, and is checked in the tests against the definition (each example's gradient alone, its
+rows forwarded together) and against Opacus's per-sample gradients summed by hand per example.
 
 Supported layers: nn.Linear (incl. peft's LoRA factors), nn.LayerNorm, nn.Embedding. A trainable
 parameter anywhere else, or one shared by two layers (tied embeddings), is refused with its name.
@@ -72,7 +90,10 @@ class PerExampleGradients:
                 f"{SUPPORTED_MODES}")
         if trainable - set(owner):
             raise UnsupportedLayerError(f"{len(trainable - set(owner))} trainable parameters belong to no layer")
+        self._names = {module: name for name, module in self.layers}
         self._capturing = False
+        self.batch_size = self.rows = 0
+        self._slots: tuple[torch.Tensor, int] | None = None  # (place of each row, K); None: row i is example i
         self._dropped: torch.Tensor | None = None
         self._acts: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
@@ -84,10 +105,32 @@ class PerExampleGradients:
             handle.remove()
 
     # --- capture --------------------------------------------------------------------------------
-    def capture(self, batch_size: int) -> PerExampleGradients:
-        self.batch_size = batch_size
+    def capture(self, examples: int, owner: torch.Tensor | None = None) -> PerExampleGradients:
+        """The next forward pass holds `examples` examples; forward row r belongs to example `owner[r]`
+        (`batch["owner"]`; None: one row per example)."""
+        self.batch_size = examples
+        self.rows = examples if owner is None else len(owner)
+        self._slots = None if owner is None else self._slot_map(owner, examples)
         self.release()
         return self
+
+    @staticmethod
+    def _slot_map(owner: torch.Tensor, examples: int) -> tuple[torch.Tensor, int] | None:
+        """(each row's place owner·K + its rank among its example's rows, K = most rows of one example); None
+        for one row per example in order, which needs no regrouping."""
+        owner = owner.long()
+        if owner.dim() != 1 or (len(owner) and (int(owner.min()) < 0 or int(owner.max()) >= examples)):
+            raise ValueError(f"owner must map each forward row to an example in [0, {examples}), "
+                             f"got shape {tuple(owner.shape)}")
+        if len(owner) == examples and bool((owner == torch.arange(examples, device=owner.device)).all()):
+            return None
+        counts = torch.bincount(owner, minlength=examples)
+        order = torch.argsort(owner, stable=True)
+        first = torch.cumsum(counts, 0) - counts  # rank of each example's first row in `order`
+        slot = torch.empty_like(owner)
+        slot[order] = torch.arange(len(owner), device=owner.device) - first[owner[order]]
+        k = int(counts.max())
+        return owner * k + slot, k
 
     def release(self) -> None:
         """Drop what the last capture holds (activations, output gradients), once the step has used it."""
@@ -97,7 +140,10 @@ class PerExampleGradients:
         self._dropped = None
 
     def drop(self, examples: torch.Tensor) -> None:
-        """Exclude examples (bool [B]) from norms and sums, e.g. those whose loss or gradient is not finite."""
+        """Exclude examples (bool [B]) from norms and sums, e.g. those whose loss or gradient is not finite:
+        all the rows each one owns."""
+        if examples.shape != (self.batch_size,):
+            raise ValueError(f"drop takes one flag per example ({self.batch_size}), got shape {tuple(examples.shape)}")
         self._dropped = examples if examples.any() else None
 
     def __enter__(self) -> PerExampleGradients:
@@ -113,7 +159,18 @@ class PerExampleGradients:
         if module in self._acts:
             raise UnsupportedLayerError(f"layer {type(module).__name__} is called twice in one forward pass; "
                                         "per-example gradients need one call per layer")
-        self._acts[module] = inputs[0].detach()
+        a = inputs[0]
+        # one input per forward row, or tokens flattened into the rows ([rows·T, d], OPT's MLP)
+        flat = a.dim() == 2 and not isinstance(module, nn.Embedding) and self.rows > 0
+        if a.dim() == 0 or not (a.shape[0] == self.rows or (flat and a.shape[0] % self.rows == 0)):
+            embedding = isinstance(module, nn.Embedding)
+            raise UnsupportedLayerError(
+                f"per-example gradients: layer {self._names[module]!r} ({type(module).__name__}) reads an input of "
+                f"shape {tuple(a.shape)}, not one per forward row ({self.rows} rows), so its gradient cannot be split "
+                f"by example{' (one row of position ids for the whole batch, as in BERT)' if embedding else ''}; "
+                f"freeze it{' (method.trainable=no_embeddings)' if embedding else ''} or use a supported mode: "
+                f"{SUPPORTED_MODES}")
+        self._acts[module] = a.detach()
         self._outputs[module] = output
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -126,14 +183,24 @@ class PerExampleGradients:
         self._grads = {m: g for m, g in zip(modules, grads) if g is not None}
 
     # --- per-layer rules --------------------------------------------------------------------------
+    def _by_example(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, T, ...] -> [B, K·T, ...]: each example's rows end to end, zeros after its last one."""
+        if self._slots is None:
+            return x
+        place, k = self._slots
+        out = x.new_zeros((self.batch_size * k, *x.shape[1:]))
+        out.index_copy_(0, place.to(x.device), x)  # not out[owner, slot] = x: 300× slower on CPU
+        return out.view(self.batch_size, -1, *x.shape[2:])
+
     def _pairs(self):
+        """(name, module, a, g) per layer, per example: a [B, T', d] (ids [B, T'] for an Embedding), g [B, T', d_out]."""
         for name, module in self.layers:
             if module not in self._grads:  # the layer did not influence the loss: zero gradients
                 continue
             a, g = self._acts[module], self._grads[module]
-            if not isinstance(module, nn.Embedding) and a.dim() == 2:
-                # (B, d) inputs (a classification head) or tokens flattened to (B·T, d) (OPT's MLP)
-                a, g = a.view(self.batch_size, -1, a.shape[-1]), g.view(self.batch_size, -1, g.shape[-1])
+            # per row: (rows, d) inputs (a classification head) or tokens flattened to (rows·T, d) (OPT's MLP)
+            a = a.reshape(self.rows, -1) if isinstance(module, nn.Embedding) else a.reshape(self.rows, -1, a.shape[-1])
+            a, g = self._by_example(a), self._by_example(g.reshape(self.rows, -1, g.shape[-1]))
             if self._dropped is not None:  # examples with non-finite values contribute nothing
                 keep = (~self._dropped).view(-1, *([1] * (g.dim() - 1)))
                 g = torch.where(keep, g.float(), 0.0)
