@@ -35,6 +35,8 @@ PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora
 ZO_PRECISIONS = ("32-true", "32", "bf16-true", "16-true", "64-true", "64")
 # precisions whose GradScaler multiplies the loss (hooks would see scaled per-example gradients)
 LOSS_SCALING = ("16-mixed", "16")
+# float16 weights without loss scaling: a first-order step's states and small updates underflow
+HALF_UNSCALED = ("16-true",)
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,10 @@ def validate_config(cfg: DictConfig) -> bool:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} scales the loss for a GradScaler, so the "
                           f"per-example gradients would be clipped at method.clip / scale: use bf16-mixed, "
                           f"bf16-true or 32-true")
+    if str(m.get("_target_", "")).endswith("DPFirstOrder") and str(cfg.trainer.get("precision")) in HALF_UNSCALED:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision} keeps the weights, AdamW's states and the noised "
+                          f"gradient in float16 without loss scaling (eps and small updates underflow): use "
+                          f"bf16-mixed, bf16-true or 32-true")
     check_devices(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)

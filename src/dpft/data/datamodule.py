@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpft.data.sampling import PoissonBatchSampler, ShuffledBatchSampler
-from dpft.data.tasks import Example, Split, Task
+from dpft.data.tasks import Example, ExampleBatch, Split, Task
 from dpft.models.scoring import Scorer
 
 
@@ -55,8 +55,8 @@ class TaskDataModule(L.LightningDataModule):
 
     def _collate(self, examples: list[Example], train: bool) -> dict:
         if not examples:  # an empty Poisson batch: the private step still runs (pure noise)
-            return {"examples": []}
-        return self.scorer.collate(examples, train=train)
+            return {"examples": ExampleBatch()}
+        return {**self.scorer.collate(examples, train=train), "examples": ExampleBatch(examples)}
 
     def train_dataloader(self) -> DataLoader:
         examples, position = self.data["train"], self._position()

@@ -41,6 +41,32 @@ class Example:
     uid: str = ""
 
 
+class ExampleBatch:
+    """A batch's examples, in order. Not a sequence or a dataclass to Lightning: its precision plugins convert
+    every tensor of a batch with `apply_to_collection`, which rebuilds sequences and dataclasses and fails on
+    frozen ones (every `trainer.precision` but 32); an opaque container is passed through as it is."""
+
+    __slots__ = ("_examples",)
+
+    def __init__(self, examples: Iterable[Example] = ()):
+        self._examples = tuple(examples)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __iter__(self):
+        return iter(self._examples)
+
+    def __getitem__(self, index):
+        return self._examples[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExampleBatch) and self._examples == other._examples
+
+    def __repr__(self) -> str:
+        return f"ExampleBatch({len(self)} examples)"
+
+
 class MissingDataError(FileNotFoundError):
     """A task's files are neither in the local mirror nor reachable on the Hub."""
 

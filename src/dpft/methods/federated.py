@@ -133,7 +133,10 @@ class ChunkCodec(nn.Module):
 
 
 class GradientAutoEncoder(nn.Module):
-    """One `ChunkCodec` per trainable tensor; trained on synthetic updates from a `RandomPrior` only."""
+    """One `ChunkCodec` per trainable tensor; trained on synthetic updates from a `RandomPrior` only.
+
+    It stays float32 whatever `trainer.precision` casts the model to: it codes float32 updates, and a half
+    precision codec would round the noised sum it decodes. Moves to another device apply."""
 
     def __init__(self, shapes: list[torch.Size], compression: int, chunk: int, hidden: int):
         super().__init__()
@@ -146,6 +149,13 @@ class GradientAutoEncoder(nn.Module):
         self.codecs = nn.ModuleList(ChunkCodec(math.prod(s), chunk, self.code, hidden, 1.0) for s in self.shapes)
         self.loss_history: list[float] = []
         self.requires_grad_(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(device=out.device) if t.dtype == torch.float32 and out.dtype != torch.float32 else out
+
+        return super()._apply(keep_float32, recurse)
 
     @property
     def code_numel(self) -> int:

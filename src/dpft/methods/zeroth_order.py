@@ -209,7 +209,7 @@ class ZerothOrderSGD(Optimizer):
         generator, c. z never exists whole: at most one chunk per thread beside the weights."""
         key, size = self._key(index, seed), part.stop - part.start
         if self._philox(p):
-            return philox.normal_(torch.empty(size), key, part.start).to(p.dtype)
+            return philox.normal_(torch.empty(size, dtype=torch.float32), key, part.start).to(p.dtype)
         gen = thread_generator(p.device, derive_seed(key, c))
         return torch.randn(size, generator=gen, device=p.device, dtype=p.dtype)
 
