@@ -218,3 +218,35 @@ def test_placement_over_two_gpus_gives_the_same_update():
         return [p.detach().cpu() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(train(("cuda:0", "cuda:0")), train(("cuda:0", "cuda:1"))))
+
+
+def test_a_device_mapped_model_is_never_moved_by_the_strategy(tmp_path):
+    """Lightning's teardown moves the module to the host after fit; a dispatched model must stay where it is
+    (on GPUs the next stage, trainer.test, would otherwise get host weights and device inputs)."""
+    import lightning as L
+    import torch
+
+    from dpft.distributed import DeviceMapStrategy
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.moves = 0
+
+        def cpu(self):  # what Strategy.teardown calls
+            self.moves += 1
+            return super().cpu()
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+    trainer = L.Trainer(strategy=DeviceMapStrategy("cpu"), max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert module.moves == 0

@@ -76,3 +76,12 @@ class DeviceMapStrategy(SingleDeviceStrategy):
 
     def model_to_device(self) -> None:
         pass
+
+    def teardown(self) -> None:
+        """Lightning's teardown without its move to the host: the dispatched model and its optimizer states stay
+        where accelerate put them (moving them would copy every weight to host memory, and leave trainer.test
+        with host weights and device inputs)."""
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
