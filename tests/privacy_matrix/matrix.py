@@ -242,6 +242,18 @@ def build(method: str, *overrides: str, spec_changes: dict | None = None, setup:
 
 
 # --- oracles -------------------------------------------------------------------------------------------
+# which scalar each zeroth-order method clips (the papers' rules): DP-ZO the loss difference ℓ⁺-ℓ⁻, DPZero and
+# its descendants the normalised (ℓ⁺-ℓ⁻)/2φ; a new zeroth-order method fails the matrix until it is listed
+CLIPPED = {"dpzo": "difference", "dpzo_laplace": "difference", "dpzero": "normalized", "dpzoso": "normalized",
+           "dpzopo": "normalized"}
+PHI = 2e-3  # a perturbation scale φ that is not the configs' 1e-3
+
+
+def clip_bound(method: str, clip: float, phi: float) -> float:
+    """The bound on a zeroth-order method's per-example scalar r = (ℓ⁺-ℓ⁻)/2φ."""
+    return clip / (2 * phi) if CLIPPED[method] == "difference" else clip
+
+
 def poisson_draw(seed: int, step: int, n: int, q: float) -> list[int]:
     """The published rule: member i of batch t iff U_i < q, U ~ torch.rand(n) from a generator seeded with
     derive_seed(seed, t)."""
