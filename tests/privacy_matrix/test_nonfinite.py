@@ -1,7 +1,9 @@
 """Claim 4 — non-finite examples, every private method.
 
-An example (a client, for the federated methods) whose loss is NaN, +inf or -inf is dropped, counted, and the
-release is finite and equals the release of the same step (same noise draws) without it.
+An example (a client, for the federated methods) whose loss is NaN, +inf or -inf, or whose loss is finite but
+whose gradient is not, is dropped, counted, and the release is finite and equals the release of the same step
+(same noise draws) without it. Examples are single-row here (one forward row per example), so dropping an
+example drops every row it owns.
 """
 
 from __future__ import annotations
@@ -17,6 +19,20 @@ from tests.privacy_matrix.matrix import PHI, build, in_family, run_overrides
 
 pytestmark = requires_data
 VALUES = [math.nan, math.inf, -math.inf]
+
+
+class NonFiniteGradient(torch.autograd.Function):
+    """The identity forward (a finite loss) whose backward multiplies by a non-finite value: a gradient that
+    overflows while the loss does not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, value: float) -> torch.Tensor:
+        ctx.value = value
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.value, None
 
 
 def _snapshot(built) -> dict:
@@ -77,6 +93,40 @@ def test_zeroth_order_drops_and_counts_nonfinite_losses(method):
     assert all(math.isfinite(g) for g in with_bad) and all(torch.isfinite(w).all() for w in weights)
     assert with_bad == pytest.approx(without, rel=1e-12, abs=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(weights, clean_weights))
+
+
+@pytest.mark.parametrize("method", in_family("first_order"))
+def test_first_order_drops_and_counts_nonfinite_losses_and_gradients(method):
+    built = build(method, *run_overrides(method), "method.clip=0.3")
+    module = built.module
+    module.model.eval()  # no dropout: both steps see the same function
+    values = dict(zip([1, 4, 7], VALUES))  # non-finite losses
+    gradients = dict(zip([2, 5, 8], VALUES))  # finite losses whose gradients are not finite
+    uid = {ex.uid: i for i, ex in enumerate(built.examples)}
+    per_example_losses = module.per_example_losses
+
+    def losses(batch):
+        out = []
+        for ex, loss in zip(batch["examples"], per_example_losses(batch)):
+            i = uid[ex.uid]
+            if i in values:
+                loss = loss + (values[i] - loss.detach())  # a non-finite loss, its graph intact
+            elif i in gradients:
+                loss = NonFiniteGradient.apply(loss, gradients[i])
+            out.append(loss)
+        return torch.stack(out)
+
+    module.per_example_losses = losses
+    state = _snapshot(built)
+    built.stepper.step(built.batch(list(range(10))))
+    with_bad = [p.grad.clone() for p in built.params]
+    assert all(torch.isfinite(g).all() for g in with_bad)
+    assert module.dp.dropped == 6 and module.raw_statistics()["dropped_nonfinite_examples"] == 6
+    _restore(built, state)
+    built.stepper.step(built.batch([0, 3, 6, 9]))
+    largest = max(float(g.abs().max()) for g in with_bad)
+    for a, b in zip(with_bad, built.params):  # same noise; the batches pad differently: float32 tolerance
+        torch.testing.assert_close(a, b.grad, rtol=1e-5, atol=1e-6 * largest)
 
 
 @pytest.mark.parametrize("method", in_family("federated"))
