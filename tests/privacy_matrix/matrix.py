@@ -351,6 +351,8 @@ class Session:
     stage_one_releases: int  # noised stage-1 statistics drawn before training
     csprng_bytes: int  # bytes the noise source read from the OS CSPRNG
     snapshots: dict[int, Path]  # copies of the checkpoint folder after step t
+    # the run's own batch sampler, asked for steps far past the run's few (a rate off by 1/n shows in a few)
+    sampler_draws: list[list[int]]
 
 
 @dataclass
@@ -377,6 +379,7 @@ def noise_states(obj: Any) -> list[dict]:
 
 
 RESUME_AT = 1
+SAMPLER_DRAWS = 200
 
 
 def _session(cfg: DictConfig, snapshot: bool = False) -> Session:
@@ -399,10 +402,13 @@ def _session(cfg: DictConfig, snapshot: bool = False) -> Session:
     stage_one: list[list[int]] = []
     round_clients: list[int] = []
     snapshots: dict[int, Path] = {}
+    sampler_draws: list[list[int]] = []
 
     class Recorder(L.Callback):
         def on_train_start(self, trainer, pl_module):
             state["training"] = True
+            sampler = trainer.train_dataloader.batch_sampler
+            sampler_draws.extend(sampler.global_batch(t) for t in range(SAMPLER_DRAWS))
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             batches[trainer.global_step] = (sorted(batch["clients"]) if "clients" in batch
@@ -440,7 +446,8 @@ def _session(cfg: DictConfig, snapshot: bool = False) -> Session:
             mock.patch.object(NoiseSource, "sample", spy_sample), \
             mock.patch.object(noise_module, "os", mock.Mock(urandom=urandom)):
         results = dpft.train.run(cfg)
-    return Session(results, batches, stage_one, state["released"], len(stage_one), state["bytes"], snapshots)
+    return Session(results, batches, stage_one, state["released"], len(stage_one), state["bytes"], snapshots,
+                   sampler_draws)
 
 
 def produce_runs(method: str, root: Path) -> Runs:

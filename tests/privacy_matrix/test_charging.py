@@ -48,6 +48,9 @@ def test_a_run_charges_every_release_once_at_the_epsilon_dp_accounting_gives(met
     last = int(cfg.trainer.max_steps) - 1
     assert runs.plain.batches[last] == []  # the last step released pure noise: it must be charged too
     resumed = runs.secure.stage_one_releases + RESUME_AT + runs.resumed.released  # both sessions of that run
+    # the ledger came back from the checkpoint (not rebuilt from the secure journal, which would charge a lost step)
+    assert runs.resumed.results["resume"]["from_step"] == RESUME_AT
+    assert runs.resumed.results["resume"]["lost_steps_charged"] == 0
     for session, released in [(runs.plain, runs.plain.stage_one_releases + runs.plain.released),
                               (runs.plain_again, runs.plain_again.stage_one_releases + runs.plain_again.released),
                               (runs.secure, runs.secure.stage_one_releases + runs.secure.released),

@@ -15,7 +15,7 @@ import torch
 from dpft.methods.federated import _PRIOR_SAMPLING
 from dpft.seeding import derive_seed
 from tests.conftest import requires_data
-from tests.privacy_matrix.matrix import METHODS, RESUME_AT, poisson_draw, units
+from tests.privacy_matrix.matrix import METHODS, RESUME_AT, SAMPLER_DRAWS, poisson_draw, units
 
 pytestmark = requires_data
 
@@ -38,6 +38,8 @@ def test_every_step_trains_on_the_published_poisson_draw_at_the_accounted_rate(m
     assert accounted["sample_rate"] == q and accounted["dataset_size"] == n
 
     assert runs.plain.batches == {t: poisson_draw(runs.seed, t, n, q) for t in steps}
+    # the run's sampler over many more steps: a realised rate of B/(n+1) differs in about a fifth of them
+    assert runs.plain.sampler_draws == [poisson_draw(runs.seed, t, n, q) for t in range(SAMPLER_DRAWS)]
     assert runs.plain_again.batches == runs.plain.batches
     sizes = [len(runs.plain.batches[t]) for t in steps]
     assert sizes[-1] == 0 < sizes[0]  # sizes vary; the empty batch is released too (claim 5)
