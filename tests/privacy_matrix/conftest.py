@@ -9,8 +9,19 @@ import pickle
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from tests.privacy_matrix.matrix import Runs, produce_runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The matrix's models are tiny: on a shared machine one intra-op thread runs their ops ~3x faster than two
+    contending ones (a method's four runs: 4.6 s on two threads, 1.4 s on one). Restored after each module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
