@@ -2,8 +2,9 @@
 `dpft.train` builds them, a stand-in for the Lightning loop around one training step, and the oracles.
 
 The oracles are written out here, independent of the code under test: Poisson draws from the published rule,
-per-example gradients one example at a time with `backward()`, ε from `dp_accounting` directly, the clipping
-rule min(1, C/‖g‖), and tolerances for empirical standard deviations.
+ε from `dp_accounting` directly (or the Laplace closed form), each zeroth-order method's clip bound from its
+paper, and tolerances for empirical standard deviations; per-example gradients one example at a time are in
+the clipping claim's module.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import dp_accounting as dpa
+import lightning as L
 import pytest
 import torch
 from dp_accounting import pld, rdp
@@ -29,9 +34,12 @@ import dpft.train
 from dpft.config import CONFIG_DIR
 from dpft.data.federated import FederatedDataModule
 from dpft.data.tasks import build_task_from_config
+from dpft.methods.federated import FederatedLoRA
 from dpft.models.loading import load_model, load_tokenizer
 from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.scoring import build_scorer
+from dpft.privacy import noise as noise_module
+from dpft.privacy.noise import NoiseSource
 from dpft.seeding import derive_seed
 from tests.conftest import compose_config
 
@@ -80,7 +88,6 @@ def in_family(name: str) -> list[str]:
 
 
 # --- configurations ----------------------------------------------------------------------------------
-N_TRAIN = 32  # sst2-k16: 16 examples per class
 CLIENTS = 8
 # the smallest settings of each method (fast stage 1, a cheap data-free mask)
 SMALL = {"zeroth_order": [], "first_order": [],
@@ -168,8 +175,6 @@ class Stepper:
         module.optimizers = lambda use_pl_optimizer=True: wrapped
         module.log = lambda name, value, **kwargs: self.logged.append(name)
         if datamodule is not None:
-            from types import SimpleNamespace
-
             module._trainer = SimpleNamespace(datamodule=datamodule, global_step=0, logger=None)
 
     def start(self) -> None:
@@ -194,7 +199,6 @@ class Built:
     examples: list
     stepper: Stepper
     datamodule: Any = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -259,10 +263,6 @@ def poisson_draw(seed: int, step: int, n: int, q: float) -> list[int]:
     derive_seed(seed, t)."""
     generator = torch.Generator().manual_seed(derive_seed(seed, step))
     return [i for i, u in enumerate(torch.rand(n, generator=generator).tolist()) if u < q]
-
-
-def clip_factor(norm: float, clip: float) -> float:
-    return min(1.0, clip / norm)
 
 
 @cache
@@ -385,16 +385,6 @@ SAMPLER_DRAWS = 200
 def _session(cfg: DictConfig, snapshot: bool = False) -> Session:
     """run(cfg), recording the batches each step trained on, the stage-1 rounds, the releases, the bytes the
     noise source read from the OS CSPRNG, and (snapshot) the checkpoint folder after every step."""
-    import os
-    import shutil
-    from unittest import mock
-
-    import lightning as L
-
-    from dpft.methods.federated import FederatedLoRA
-    from dpft.privacy import noise as noise_module
-    from dpft.privacy.noise import NoiseSource
-
     index = {ex.uid: i for i, ex in enumerate(train_examples(cfg))}
     out = Path(cfg.paths.output_dir)
     state = {"training": False, "released": 0, "bytes": 0}
