@@ -362,8 +362,10 @@ class Runs:
     plain: Session
     plain_again: Session
     secure: Session
+    secure_again: Session  # a second secure run at the same seed
     resumed: Session  # secure, resumed from `secure`'s checkpoint after step RESUME_AT
     secret: int  # the sampling seed secure mode kept in its checkpoint
+    secret_again: int
     plain_noise_states: list[dict]  # every noise source's state saved in each run's last checkpoint
     secure_noise_states: list[dict]
 
@@ -441,7 +443,7 @@ def _session(cfg: DictConfig, snapshot: bool = False) -> Session:
 
 
 def produce_runs(method: str, root: Path) -> Runs:
-    """Four runs of `method` at one seed: two plain, one secure, and that secure run resumed from its checkpoint
+    """Five runs of `method` at one seed: two plain, two secure, and the first secure run resumed from its checkpoint
     after step RESUME_AT (same secret sample, same weights: only the noise can differ). The seed is one whose
     published draws end with an empty batch (the last step, and an empty one, are then both released)."""
     root = root / method
@@ -453,10 +455,12 @@ def produce_runs(method: str, root: Path) -> Runs:
     plain_again = _session(method_cfg(method, *common, output_dir=root / "plain-again"))
     secure_cfg = [*common, *keep, "privacy.secure_mode=true"]
     secure = _session(method_cfg(method, *secure_cfg, output_dir=root / "secure"), snapshot=True)
+    secure_again = _session(method_cfg(method, *secure_cfg, output_dir=root / "secure-again"))
     shutil.copytree(secure.snapshots[RESUME_AT], root / "resumed" / "checkpoints")
     resumed = _session(method_cfg(method, *secure_cfg, output_dir=root / "resumed"))
     load = functools.partial(torch.load, map_location="cpu", weights_only=False)
-    secure_checkpoint, plain_checkpoint = (load(root / name / "checkpoints" / "last.ckpt") for name in ("secure", "plain"))
-    return Runs(method_cfg(method, *common), seed, plain, plain_again, secure, resumed,
-                secure_checkpoint["dpft"]["sampling_seed"], noise_states(plain_checkpoint),
-                noise_states(secure_checkpoint))
+    secure_checkpoint, again_checkpoint, plain_checkpoint = (
+        load(root / name / "checkpoints" / "last.ckpt") for name in ("secure", "secure-again", "plain"))
+    return Runs(method_cfg(method, *common), seed, plain, plain_again, secure, secure_again, resumed,
+                secure_checkpoint["dpft"]["sampling_seed"], again_checkpoint["dpft"]["sampling_seed"],
+                noise_states(plain_checkpoint), noise_states(secure_checkpoint))

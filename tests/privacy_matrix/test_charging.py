@@ -54,6 +54,7 @@ def test_a_run_charges_every_release_once_at_the_epsilon_dp_accounting_gives(met
     for session, released in [(runs.plain, runs.plain.stage_one_releases + runs.plain.released),
                               (runs.plain_again, runs.plain_again.stage_one_releases + runs.plain_again.released),
                               (runs.secure, runs.secure.stage_one_releases + runs.secure.released),
+                              (runs.secure_again, runs.secure_again.stage_one_releases + runs.secure_again.released),
                               (runs.resumed, resumed)]:
         block = session.results["privacy"]
         assert block["steps"] == released == STEPS == block["budget_steps"]

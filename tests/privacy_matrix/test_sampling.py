@@ -47,6 +47,7 @@ def test_every_step_trains_on_the_published_poisson_draw_at_the_accounted_rate(m
     secret = runs.secret
     assert secret != runs.seed
     assert runs.secure.batches == {t: poisson_draw(secret, t, n, q) for t in steps}
+    assert runs.secure_again.batches == {t: poisson_draw(runs.secret_again, t, n, q) for t in steps}
     # resumed from the checkpoint after step RESUME_AT: the same draws from there on, none replayed or skipped
     assert runs.resumed.batches == {t: poisson_draw(secret, t, n, q) for t in steps if t >= RESUME_AT}
 
