@@ -52,11 +52,28 @@ class DPOptimizer:
         self.expected_batch_size, self.noise = expected_batch_size, noise
         self.last_norms: torch.Tensor | None = None
         self.dropped = 0
+        self._excluded: torch.Tensor | None = None  # this step's examples dropped for their loss
+
+    def exclude(self, examples: torch.Tensor) -> None:
+        """Drop examples (bool [B]) from this step's sums, e.g. those whose loss is not finite; counted."""
+        self._excluded = examples
+        self.per_example.drop(examples)
+        self.dropped += int(examples.sum())
+
+    def drop_nonfinite(self, norms: torch.Tensor) -> torch.Tensor:
+        """Examples whose gradient is not finite though their loss is (an overflow in the backward) are dropped too,
+        with every row they own, and counted: one NaN would otherwise make the whole clipped sum NaN. Returns them."""
+        bad = ~torch.isfinite(norms)
+        if bad.any():
+            self.per_example.drop(bad if self._excluded is None else bad | self._excluded)
+            self.dropped += int(bad.sum())
+        return bad
 
     def clip_and_accumulate(self) -> None:
         norms = torch.stack(list(self.per_example.norms_by_layer().values())).sum(0).sqrt()
-        self.last_norms = norms
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        bad = self.drop_nonfinite(norms)
+        self.last_norms = torch.where(bad, 0.0, norms)
+        factors = torch.where(bad, 0.0, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0))
         self.per_example.accumulate(factors)
 
     def zero_sum(self) -> None:
@@ -94,6 +111,7 @@ class DPOptimizer:
         self.scale_grad()
         for p in self.params:
             del p.summed_grad
+        self._excluded = None
 
     def state_dict(self) -> dict:
         return {"noise": self.noise.state_dict()}
@@ -121,8 +139,11 @@ class AdaptiveNoiseDPOptimizer(DPOptimizer):
 
     def clip_and_accumulate(self) -> None:
         norms = {name: n.sqrt() for name, n in self.per_example.norms_by_layer().items()}
-        self.last_norms = torch.stack(list(norms.values())).pow(2).sum(0).sqrt()
-        self.per_example.accumulate({name: (self.group_clip / (n + 1e-6)).clamp(max=1.0) for name, n in norms.items()})
+        total = torch.stack(list(norms.values())).pow(2).sum(0).sqrt()
+        bad = self.drop_nonfinite(total)  # an example non-finite in one group is dropped from every group
+        self.last_norms = torch.where(bad, 0.0, total)
+        self.per_example.accumulate({name: torch.where(bad, 0.0, (self.group_clip / (n + 1e-6)).clamp(max=1.0))
+                                     for name, n in norms.items()})
         # a layer that did not influence the loss has no norm entry and a zero sum
 
     def noise_std(self, p: nn.Parameter) -> float:
@@ -213,8 +234,7 @@ class DPFirstOrder(MethodModule):
             with self.per_example.capture(len(batch["examples"]), batch.get("owner")):  # rows -> examples
                 losses = self.per_example_losses(batch)
             bad = ~torch.isfinite(losses.detach())
-            self.per_example.drop(bad)
-            self.dp.dropped += int(bad.sum())
+            self.dp.exclude(bad)
             self.per_example.backward(torch.where(bad, 0.0, losses).sum())  # no loss scaling: validation refuses it
             loss = losses.detach()[~bad].mean() if (~bad).any() else loss
         self.dp.pre_step(empty)

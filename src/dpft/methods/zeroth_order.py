@@ -76,8 +76,9 @@ class PrivateEstimator(GradientEstimator):
 
     `clip_target="difference"` (DP-ZO) bounds |ℓ⁺_i - ℓ⁻_i| ≤ C, i.e. |r_i| ≤ C/2φ; `"normalized"`
     (DPZero) bounds |r_i| ≤ C. Noise is N(0, (σ·bound)²) or Laplace(b = multiplier·bound) on the sum.
-    Non-finite scalars never reach the parameters: ±inf are clipped to ±bound, NaN contributes 0;
-    both are counted in `nonfinite`.
+    Non-finite scalars (NaN, ±inf: a loss that overflowed at θ ± φz) are dropped, as in the first-order and
+    federated methods: they contribute 0, so the release equals the release without them (±inf clipped to ±bound
+    would move it by a full bound in a direction set by which side overflowed); counted in `nonfinite`.
     """
 
     private = True
@@ -98,9 +99,10 @@ class PrivateEstimator(GradientEstimator):
 
     def clipped_sum(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
         r = self.scalars(loss_plus, loss_minus, eps)
-        self.nonfinite += int((~torch.isfinite(r)).sum())
+        finite = torch.isfinite(r)
+        self.nonfinite += int((~finite).sum())
         bound = self.bound(eps)
-        return torch.nan_to_num(r, nan=0.0).clamp(-bound, bound).sum()
+        return torch.where(finite, r, 0.0).clamp(-bound, bound).sum()
 
     def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
         total = self.clipped_sum(loss_plus, loss_minus, eps)
@@ -390,7 +392,7 @@ class ZerothOrder(MethodModule):
                 self.forward_passes += 1  # counted as if run: the cost must not reveal an empty batch
                 return torch.zeros(0, device=self.device)
             losses = self.per_example_losses(batch)
-            if not self.private:  # private estimators bound non-finite values and count them
+            if not self.private:  # private estimators drop non-finite values and count them
                 self.check_finite(losses, step)
             return losses
 
