@@ -47,6 +47,17 @@ def compose_config(overrides: list[str], output_dir: Path | None = None, shrink:
     return cfg
 
 
+@pytest.fixture(autouse=True, scope="session")
+def threads_per_worker():
+    """pytest-xdist runs one process per core: torch's default of one intra-op thread per core in each of them
+    would contend (tiny models ran ~3x slower). Tests of the threaded paths set their own count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(*overrides: str, shrink: bool = True) -> DictConfig:
