@@ -187,8 +187,8 @@ def outcomes(modules: list[Module]) -> dict[str, dict]:
 
 
 def report(modules: list[Module], results: dict[str, dict]) -> None:
-    print(f"\n{'module':36} {'mutants':>7} {'prose':>5} {'run':>5} {'killed':>6} {'survived':>8} {'no test':>7} "
-          f"{'other':>5} {'score':>6} {'s/mutant':>8}")
+    print(f"\n{'module':36} {'mutants':>7} {'prose':>5} {'run':>5} {'killed':>6} {'timeout':>7} {'survived':>8} "
+          f"{'no test':>7} {'other':>5} {'score':>6} {'s/mutant':>8}")
     survivors = []
     for module in modules:
         mine = {k: v for k, v in results.items() if v["module"] == module.path}
@@ -200,8 +200,9 @@ def report(modules: list[Module], results: dict[str, dict]) -> None:
         seconds = [v["seconds"] for v in mine.values() if v["status"] != "skipped" and v["seconds"]]
         score = f"{100 * killed / run:.1f}%" if run else "-"
         per = f"{sum(seconds) / len(seconds):.2f}" if seconds else "-"
-        print(f"{module.path.removeprefix('src/dpft/'):36} {len(mine):7} {count['skipped']:5} {run:5} {killed:6} "
-              f"{count['survived']:8} {count['no tests']:7} {other:5} {score:>6} {per:>8}")
+        print(f"{module.path.removeprefix('src/dpft/'):36} {len(mine):7} {count['skipped']:5} {run:5} "
+              f"{count['killed']:6} {count['timeout']:7} {count['survived']:8} {count['no tests']:7} {other:5} "
+              f"{score:>6} {per:>8}")
         survivors += [(k, v["status"]) for k, v in sorted(mine.items())
                       if v["status"] not in ("killed", "timeout", "skipped")]
     print("\nprose: mutants that only change the text of a message or description, not run; score: (killed + timed "
