@@ -4,6 +4,7 @@ sampler a partition; and the ranks' shares a partition of the single-process bat
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -82,8 +83,17 @@ def test_every_shuffled_epoch_is_a_partition_of_a_fresh_permutation():
         assert all(len(b) == size for b in batches)
         assert len(set(flat)) == 20 and set(flat) <= set(range(n))
     assert epochs[0] != epochs[1] != epochs[2]
-    again = ShuffledBatchSampler(n, size, seed=4)  # random access: epoch 2 first, then epoch 0
-    assert again.global_batch(9) == epochs[2][1] and again.global_batch(0) == epochs[0][0]
+    for first in (0, 4, 9):  # random access (a resumed run): whichever epoch is asked for first
+        again = ShuffledBatchSampler(n, size, seed=4)
+        assert again.global_batch(first) == epochs[first // 4][first % 4]
+        assert again.global_batch(0) == epochs[0][0] and again.global_batch(11) == epochs[2][3]
+
+
+def test_one_example_a_batch_and_the_whole_set_a_batch_are_valid():
+    assert [ShuffledBatchSampler(3, 1, seed=0).global_batch(t) for t in range(3)] in (
+        [[a], [b], [c]] for a, b, c in itertools.permutations(range(3)))
+    whole = ShuffledBatchSampler(5, 5, seed=0)
+    assert len(whole) == 1 and sorted(whole.global_batch(0)) == list(range(5))
 
 
 @pytest.mark.parametrize("size", [0, 24])
