@@ -9,6 +9,7 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting import pld, rdp
 
+from dpft.privacy import accounting
 from dpft.privacy.accounting import (
     PLD_DISCRETIZATION,
     PrivacyConfigError,
@@ -269,7 +270,7 @@ def test_a_non_private_run_makes_the_composition_unbounded():
 
 
 @pytest.mark.parametrize("block,match", [
-    ({"mechanism": "exponential"}, "privacy.mechanism='exponential' of a run is not one of"),
+    ({"mechanism": "exponential"}, r"privacy.mechanism='exponential' of a run is not one of \('none', 'gaussian'"),
     ({"mechanism": "gaussian", "sample_rate": 0.1, "steps": 3, "target_delta": 1e-5}, "no 'step_noise_multiplier'"),
     ({"mechanism": "gaussian", "step_noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}, "no 'target_delta'"),
     ({"mechanism": "gaussian", "step_noise_multiplier": 1.0, "steps": 3, "target_delta": 1e-5}, "no 'sample_rate'"),
@@ -307,6 +308,29 @@ def test_full_batch_calibration_meets_the_exact_gaussian_profile_and_is_tight(ep
     pld_sigma = calibrate_gaussian(epsilon, delta, 1.0, steps, "pld")
     assert _exact_delta(epsilon, math.sqrt(steps) / (0.99 * pld_sigma)) > delta
     assert calibrate_gaussian(epsilon, delta, 1.0, steps, "rdp") >= pld_sigma
+    assert calibrate_gaussian(epsilon, delta, 1.0, steps) == pld_sigma  # PLD unless asked otherwise
+
+
+@pytest.mark.parametrize("epsilon", [12.0, 20.0, 40.0])
+def test_calibration_below_the_first_bracket_is_tight_too(epsilon):
+    """Large ε needs σ < 1/2, below where the search starts (RDP here: it is cheap at small σ)."""
+    sigma = calibrate_gaussian(epsilon, 1e-5, 1.0, 1, "rdp")
+    assert sigma < 0.5 and _exact_delta(epsilon, 1 / sigma) <= 1e-5
+    assert _independent_epsilon(sigma, 1.0, 1, 1e-5, "rdp") <= epsilon < _independent_epsilon(0.99 * sigma, 1.0, 1, 1e-5,
+                                                                                                "rdp")
+
+
+def test_a_sigma_the_reporting_grid_rejects_is_never_returned(monkeypatch):
+    """Fault injection: were the reporting grid to find more ε than the search grid, calibration refuses."""
+    real = accounting.gaussian_epsilon
+
+    def stricter_when_reporting(sigma, q, steps, delta, accountant="pld", discretization=PLD_DISCRETIZATION):
+        epsilon = real(sigma, q, steps, delta, accountant, discretization)
+        return epsilon * 1.01 if discretization == PLD_DISCRETIZATION else epsilon
+
+    monkeypatch.setattr(accounting, "gaussian_epsilon", stricter_when_reporting)
+    with pytest.raises(RuntimeError, match=r"exceeds privacy.target_epsilon=1.0: report this as a bug"):
+        calibrate_gaussian(1.0, 1e-5, 1.0, 1, "pld")
 
 
 def test_reported_epsilon_is_pessimistic_and_close_to_exact():
@@ -367,7 +391,8 @@ def test_a_request_without_a_meaning_is_refused(args, match):
     with pytest.raises(PrivacyConfigError, match=match):
         make_spec(*args, dataset_size=100, expected_batch_size=10, steps=5, clip=1.0)
     assert make_spec("gaussian", "pld", 2.0, 1e-5, 1, 1, 1, clip=1.0).sample_rate == 1.0  # one example, q = 1
-    for kwargs, key in [({"dataset_size": 0}, "non-empty training set"), ({"directions": 0}, "method.directions")]:
+    for kwargs, key in [({"dataset_size": 0}, "non-empty training set"), ({"directions": 0}, "method.directions"),
+                        ({"expected_batch_size": 0}, "sample rate")]:
         with pytest.raises(PrivacyConfigError, match=key):
             make_spec(**{**dict(mechanism="gaussian", accountant="pld", target_epsilon=2.0, target_delta=1e-5,
                                 dataset_size=100, expected_batch_size=10, steps=5, clip=1.0), **kwargs})
