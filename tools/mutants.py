@@ -74,7 +74,10 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_privacy_claims.py::test_laplace_is_refused_before_data_for_l2_clipped_methods",
         "tests/test_privacy_claims.py::test_delta_not_below_one_over_n_is_refused_before_the_model", *MATRIX)),
     # methods/: the parts that clip, noise, count steps or decide what a private run releases
-    Module("src/dpft/methods/base.py", ("tests/test_privacy_claims.py", *MATRIX),
+    Module("src/dpft/methods/base.py", (
+        "tests/test_privacy_claims.py::test_laplace_is_refused_before_data_for_l2_clipped_methods",
+        "tests/test_privacy_claims.py::test_a_private_run_releases_no_raw_statistics_unless_asked",
+        "tests/test_privacy_claims.py::test_diagnostics_are_released_only_on_request_and_listed", *MATRIX),
            ("xǁMethodModuleǁcheck_mechanism", "xǁMethodModuleǁlog_raw", "xǁMethodModuleǁprivacy_block")),
     Module("src/dpft/methods/zeroth_order.py", ("tests/test_private_zo.py", *MATRIX),
            _dp("PrivateEstimator", "*") + _dp("ZerothOrder", "setup", "configure_optimizers", "training_step",
