@@ -16,9 +16,12 @@ export WANDB_SILENT ?= true
 PYTEST_ARGS ?=
 # test processes (pytest-xdist; each test file stays on one worker, so module fixtures are built once); 0: none
 TEST_WORKERS ?= 2
+# `make mutants`: modules of the mutation scope to mutate (default: all of it), mutants tested at once
+FILES ?=
+MUTANT_JOBS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean bench bench-quick audit
+.PHONY: help install demo test test-full lint format clean bench bench-quick audit mutants
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +46,13 @@ test: install ## run the test suite (fast tests; what CI runs)
 test-full: install ## run every test, the slow ones too
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "" $(PYTEST_ARGS)
 
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[mutation]"
+	touch $@
+
+mutants: $(VENV)/.mutation-installed ## mutation testing of the privacy code (FILES=src/dpft/x.py to scope it; docs/testing.md)
+	$(BIN)/python tools/mutants.py run --jobs $(MUTANT_JOBS) $(FILES)
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
 	touch $@
@@ -64,11 +74,11 @@ report-%: install ## rebuild the report of logs/tables/<name> from its results.j
 	$(BIN)/dpft-report $(or $(DPFT_LOG_DIR),logs)/tables/$* --table $*
 
 lint: install ## ruff check
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 
 format: install ## ruff format + autofix
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests tools
+	$(BIN)/ruff format src tests tools
 
-clean: ## remove run outputs (logs/, outputs/, multirun/, audits/)
-	rm -rf logs outputs multirun audits
+clean: ## remove run outputs (logs/, outputs/, multirun/, audits/, mutants/)
+	rm -rf logs outputs multirun audits mutants

@@ -58,9 +58,8 @@ def gaussian_event(noise_multiplier: float, sample_rate: float, steps: int) -> d
                                    steps)
 
 
-@lru_cache(maxsize=4096)
-def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                     accountant: str = "pld", discretization: float = PLD_DISCRETIZATION) -> float:
+def _gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                      accountant: str = "pld", discretization: float = PLD_DISCRETIZATION) -> float:
     """ε after `steps` Poisson-subsampled Gaussian steps (σ = effective noise multiplier)."""
     if steps == 0:
         return 0.0
@@ -72,6 +71,10 @@ def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
         raise PrivacyConfigError(f"privacy.accountant={accountant!r} is not one of {ACCOUNTANTS}")
     acc.compose(gaussian_event(noise_multiplier, sample_rate, steps))
     return float(acc.get_epsilon(delta))
+
+
+# Cached by assignment, not by decorator: mutmut (`make mutants`) leaves decorated functions unmutated.
+gaussian_epsilon = lru_cache(maxsize=4096)(_gaussian_epsilon)
 
 
 def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
@@ -132,8 +135,7 @@ def calibrate_laplace(target_epsilon: float, sample_rate: float, steps: int, dir
     return scale
 
 
-@lru_cache(maxsize=1024)
-def laplace_pld_epsilon(noise_scale_over_clip: float, sample_rate: float, steps: int, delta: float) -> float:
+def _laplace_pld_epsilon(noise_scale_over_clip: float, sample_rate: float, steps: int, delta: float) -> float:
     """(ε, δ) of the same Laplace run from the PLD accountant (K = 1), for comparison with Gaussian runs."""
     if steps == 0:
         return 0.0
@@ -141,6 +143,9 @@ def laplace_pld_epsilon(noise_scale_over_clip: float, sample_rate: float, steps:
     acc.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(sample_rate, dpa.LaplaceDpEvent(noise_scale_over_clip)), steps))
     return float(acc.get_epsilon(delta))
+
+
+laplace_pld_epsilon = lru_cache(maxsize=1024)(_laplace_pld_epsilon)
 
 
 def composed_epsilon(blocks: Iterable[Mapping[str, Any]]) -> tuple[float, float]:
