@@ -49,6 +49,8 @@ log = logging.getLogger("dpft")
 # method-config keys that configure the run, not the LightningModule's constructor
 RUN_KEYS = ("name", "steps", "batch_size", "eval_batch_size", "peft", "private", "trainable", "mechanism",
             "federated")
+
+
 def build_method(cfg: DictConfig, model: torch.nn.Module, scorer, **extra: Any) -> MethodModule:
     kwargs = {k: v for k, v in cfg.method.items() if k not in RUN_KEYS}
     if cfg.method.get("federated"):  # the federation's settings (the `fed` block) go to the method as one dict
