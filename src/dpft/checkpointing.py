@@ -1,10 +1,10 @@
 """Checkpoints and exact resume: a killed run continues as if it had never stopped.
 
 What a checkpoint (`<output>/checkpoints/last.ckpt`) holds besides Lightning's own state (weights,
-optimizer state, loop counters): the method's privacy ledger and noise state (written by the method
-modules), the number of training batches consumed (the datamodule), the global RNG states (dropout),
-and `dpft` metadata: the method, the W&B run id, and the privacy statement. Batches depend on
-(seed, step) only, so from step s the resumed run draws the same batches, directions and noise as an
+optimizer state, loop counters, whose global step positions the samplers): the method's privacy ledger and
+noise state (written by the method modules), the global RNG states (dropout), and `dpft` metadata: the
+method, the W&B run id, the privacy statement and, in secure mode, the secret sampling seed. Batches depend on
+(sampling seed, step) only, so from step s the resumed run draws the same batches, directions and noise as an
 uninterrupted run: in deterministic mode on CPU the final parameters are the same bits.
 
 Privacy on resume. Default mode: steps between the last checkpoint and a crash are re-executed with the
