@@ -250,3 +250,21 @@ def test_a_device_mapped_model_is_never_moved_by_the_strategy(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, data)
     assert module.moves == 0
+
+
+def test_a_device_map_that_offloads_to_the_cpu_or_disk_is_refused_when_gpus_exist(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from dpft.models.loading import _check_not_offloaded
+
+    cfg = OmegaConf.create({"name": "opt-66b", "device_map": "auto"})
+    placed = SimpleNamespace(hf_device_map={"model.decoder.layers.0": 0, "model.decoder.layers.63": "disk"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"1 module\(s\) of opt-66b .* offloaded .*model.decoder.layers.63"):
+        _check_not_offloaded(cfg, placed)
+    _check_not_offloaded(cfg, SimpleNamespace(hf_device_map={"model": 0, "lm_head": 1}))  # all on GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _check_not_offloaded(cfg, placed)  # a CPU-only machine: the CPU is where the model runs

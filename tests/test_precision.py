@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
+from dpft.config import CONFIG_DIR
+from dpft.models.loading import load_model
+from dpft.models.peft import apply_peft
+from dpft.models.precision import cast_trainable
 from dpft.train import run
-from tests.conftest import requires_data
+from tests.conftest import compose_config, requires_data
 
 pytestmark = requires_data
 
@@ -27,11 +34,30 @@ def _overrides(method: str) -> list[str]:
     return out
 
 
+GPU = OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "gpu.yaml")  # what trainer=gpu (and trainer=ddp) compose to
+OPT = OmegaConf.load(Path(CONFIG_DIR) / "model" / "opt-1.3b.yaml")  # the dtypes of every OPT size from 1.3b up
+
+
+def _gpu_scheme() -> list[str]:
+    return [f"trainer.precision={GPU.precision}", f"model.dtype={OPT.dtype}", f"model.trainable_dtype={OPT.trainable_dtype}"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_under_the_gpu_configs_precision(make_cfg, method):
-    """`trainer=gpu` (and `trainer=ddp`) compose to bf16-true."""
-    results = run(make_cfg("model=opt-tiny", "task=sst2", *_overrides(method), "trainer.precision=bf16-true"))
+    results = run(make_cfg("model=opt-tiny", "task=sst2", *_overrides(method), *_gpu_scheme()))
     assert results["status"] == "completed" and math.isfinite(results["metrics"]["test/acc"])
+
+
+def test_the_gpu_scheme_trains_float32_weights_beside_bfloat16_frozen_ones_under_autocast():
+    from dpft.models.precision import AUTOCAST, trained_dtype, unified_precision
+
+    assert AUTOCAST.get(unified_precision(GPU.precision)) == torch.bfloat16  # bf16 compute...
+    assert trained_dtype(OPT, GPU.precision) == torch.float32  # ...on float32 trained weights
+    model = load_model(compose_config(["model=opt-tiny", "model.dtype=bfloat16"]).model)
+    model = apply_peft(model, OmegaConf.create({"mode": "lora", "r": 2, "alpha": 4}))
+    cast_trainable(model, OPT)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("precision", ["16-true", "64-true", "bf16-mixed"])
@@ -40,14 +66,43 @@ def test_other_precisions_a_user_can_set_run_or_are_refused(make_cfg, method, pr
     from dpft.validation import ConfigError
 
     cfg = make_cfg("model=opt-tiny", "task=sst2", *_overrides(method), f"trainer.precision={precision}")
-    refused = {("mezo", "bf16-mixed"): "cannot run a zeroth-order step", ("dpzo", "bf16-mixed"): "cannot run a "
-               "zeroth-order step", ("dpsgd", "16-true"): "without loss scaling"}
+    refused = {("mezo", "16-true"): "stores the trained weights in float16", ("dpzo", "16-true"): "stores the trained "
+               "weights in float16", ("dr_encoder", "16-true"): "stores the trained weights in float16",
+               ("dpsgd", "16-true"): "without loss scaling"}
     if (method, precision) in refused:
         with pytest.raises(ConfigError, match=refused[method, precision]):
             run(cfg)
         return
     results = run(cfg)
     assert results["status"] == "completed" and math.isfinite(results["metrics"]["test/acc"])
+
+
+def test_mezos_float16_protocol_runs_when_asked_for_by_name(make_cfg):
+    half = ["model.dtype=float16", "model.trainable_dtype=float16", "trainer.precision=16-true"]
+    results = run(make_cfg("model=opt-tiny", "task=sst2", *_overrides("mezo"), *half))
+    assert results["status"] == "completed" and math.isfinite(results["metrics"]["test/acc"])
+
+
+def test_scored_logits_are_float32_from_bfloat16_weights_under_autocast():
+    """bf16 rounds a logit to 2⁻⁸ of its size; the scored rows of the output layer are computed in float32."""
+    from dpft.models.scoring import logits_at
+
+    model = load_model(compose_config(["model=opt-tiny", "model.dtype=bfloat16"]).model)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(40)  # logits of size ~10, where bf16's spacing is 0.0625
+    seen = []
+    hook = head.register_forward_hook(lambda _, args, out: seen.append((args[0], out)))
+    ids = torch.randint(3, 1000, (3, 9))
+    positions = torch.tensor([[8], [4], [0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = logits_at(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, positions)
+    hook.remove()
+    hidden, rounded = seen[0]
+    exact = hidden.double() @ head.weight.double().T  # from the head's own input, in float64
+    assert logits.dtype == torch.float32 and logits.shape == exact.shape
+    assert (logits.double() - exact).abs().max() < 1e-4 * exact.abs().max()
+    assert (rounded.double() - exact).abs().max() > 1e-2  # what the head alone returns under autocast
 
 
 def test_the_dr_encoder_codec_stays_float32_when_the_model_is_cast():
@@ -60,3 +115,15 @@ def test_the_dr_encoder_codec_stays_float32_when_the_model_is_cast():
     holder = torch.nn.Sequential(torch.nn.Linear(2, 2), codec).to(torch.bfloat16)  # what bf16-true does
     assert holder[0].weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(codec.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zo_steps_keep_the_weights_and_the_update_only_in_the_default_scheme(dtype):
+    """The targets of `dpft-bench --only precision` on 200k entries: the GPU configurations' dtype of the trained
+    weights meets them, float16 (MeZO) and bfloat16 do not."""
+    from dpft.bench.precision import default_dtype, restore_drift, update_error
+
+    assert default_dtype() == torch.float32
+    drift, error = restore_drift(dtype, entries=200_000), update_error(dtype, entries=200_000)
+    sound = drift <= 1e-3 and error <= 0.1
+    assert sound == (dtype == default_dtype()), (drift, error)

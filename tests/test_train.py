@@ -35,6 +35,9 @@ def _check_complete(results: dict, method: str, steps: int, metric: str = "acc")
     assert results["privacy"]["steps"] == steps
     assert 0.0 <= results["metrics"][f"test/{metric}"] <= 100.0
     assert results["cost"]["peak_memory_bytes"] > 0 and results["cost"]["wall_seconds"] > 0
+    # on a CPU machine: the process's peak RSS, named as the one device used
+    assert results["cost"]["peak_memory_bytes_by_device"] == {"cpu": results["cost"]["peak_memory_bytes"]}
+    assert results["cost"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize("model,task", [("opt-tiny", "sst2"), ("roberta-tiny", "sst2-k16")])

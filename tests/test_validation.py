@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import dpft.train
+import dpft.validation
 from dpft.train import run
 from dpft.validation import ConfigError, validate_config
 from tests.conftest import compose_config, requires_data
@@ -35,7 +36,10 @@ BEFORE_DATA = [
     (["method=mezo", "method.z_generator=numpy"], "method.z_generator='numpy' is not one of ('philox', 'torch')"),
     (["model=minilm-l6", "task=sst2-k16", "model.head_init=zeros"], "model.head_init='zeros' is not one of"),
     (["model.dtype=float8"], "model.dtype='float8' is not one of"),
-    (["method=mezo", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot run a zeroth-order step"),
+    (["method=mezo", "trainer.precision=16-mixed"], "trainer.precision=16-mixed cannot run mezo: a zeroth-order step"),
+    (["method=mezo", "trainer.precision=bf16-true"], "stores the trained weights in bfloat16"),
+    (["method=ft", "model.dtype=bfloat16"], "computes without autocast"),
+    (["method=ft", "trainer.precision=transformer-engine"], "has no analysis"),
     (["method=dpsgd", "privacy=eps2", "trainer.precision=16-mixed"], "would be clipped at method.clip / scale"),
     (["method=anadp", "privacy=eps2", "trainer.precision=16-mixed"], "scales the loss for a GradScaler"),
     (["method=dpzo", "privacy=eps2", "privacy.target_epsilon=0"], "privacy.target_epsilon=0 is invalid"),
@@ -125,3 +129,15 @@ def test_unknown_options_list_the_valid_ones(tmp_path, group, value):
     with pytest.raises(MissingConfigException) as err:
         compose_config([f"{group}={value}"], tmp_path)
     assert f"Could not find '{group}/{value}'" in str(err.value) and f"Available options in '{group}'" in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["dpsgd", "dpsgd_lora", "anadp", "dpzopo"])
+def test_methods_that_combine_tensors_on_one_device_are_refused_on_a_multi_gpu_device_map(monkeypatch, method):
+    big = ["privacy=eps2", "model=opt-13b", "model.pretrained=null", "trainer.precision=bf16-mixed"]
+    cfg = compose_config([f"method={method}", *big])
+    monkeypatch.setattr(dpft.validation, "visible_gpus", lambda: 1)
+    validate_config(cfg)  # one GPU: the whole map is on it
+    monkeypatch.setattr(dpft.validation, "visible_gpus", lambda: 2)
+    with pytest.raises(ConfigError, match=f"model.device_map=auto spreads the model over 2 GPUs, which method={method}"):
+        validate_config(cfg)
+    validate_config(compose_config(["method=dpzo", *big]))  # the ZO step works tensor by tensor, where each lies

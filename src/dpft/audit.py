@@ -60,6 +60,7 @@ from dpft.methods.dp_first_order import DPFirstOrder
 from dpft.methods.zeroth_order import PrivateEstimator, ZerothOrder
 from dpft.models.loading import load_model, load_tokenizer
 from dpft.models.peft import apply_peft, select_trainable
+from dpft.models.precision import cast_trainable
 from dpft.models.scoring import Scorer, build_scorer, check_compatible
 from dpft.privacy.audit import audit_scores
 from dpft.privacy.noise import NoiseSource
@@ -405,6 +406,7 @@ def _play(cfg: DictConfig, family_size: int, familywise: float) -> dict[str, Any
 
     model = apply_peft(load_model(cfg.model, num_labels=task.num_labels), cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
+    cast_trainable(model, cfg.model)
     module, release = _build(cfg, model, scorer, base_size)
     canary, contribution = _canary(release, scorer, candidates)
     if cfg.audit.clip_ratio is not None:  # the bound scales with the clip: rebuild with the audit's clip

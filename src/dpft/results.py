@@ -26,14 +26,18 @@ SCHEMA_VERSION = 1
 SUMMARY_BLOCKS = ("privacy", "cost", "communication")
 
 
-def peak_memory_bytes() -> int:
-    """Peak accelerator memory when on GPU, else the process's peak resident set size."""
+def peak_memory_by_device() -> dict[str, int]:
+    """Peak memory of each accelerator this process allocated on (`cuda:0`, `cuda:1`, … for a device map or
+    offload), else `{"cpu": the process's peak resident set size}`."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
+        peaks = {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
+        used = {name: peak for name, peak in peaks.items() if peak > 0}
+        if used:
+            return used
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return {"cpu": int(rss if sys.platform == "darwin" else rss * 1024)}
 
 
 def parameters_digest(model: torch.nn.Module) -> str:
@@ -58,8 +62,7 @@ def _git_commit() -> str | None:
 
 
 def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, data_sizes: dict[str, int],
-                  params_total: int, params_trainable: int, peak_memory: int) -> dict[str, Any]:
-    import torch
+                  params_total: int, params_trainable: int, peak_memory: dict[str, int]) -> dict[str, Any]:
 
     metrics = dict(sorted(module.final_metrics.items()))
     steps = module.steps_done
@@ -71,8 +74,9 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "seconds_per_step": module.train_seconds / steps if steps else None,
         "forward_passes": module.forward_passes,
         "forward_passes_per_step": module.forward_passes / steps if steps else None,
-        "peak_memory_bytes": peak_memory,
-        "device": "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu",
+        "peak_memory_bytes": sum(peak_memory.values()),  # over every device used
+        "peak_memory_bytes_by_device": peak_memory,
+        "device": ", ".join(peak_memory),
         "params_total": params_total,
         "params_trainable": params_trainable,
     }

@@ -38,9 +38,10 @@ from dpft.distributed import DeviceMapStrategy
 from dpft.methods.base import MethodModule
 from dpft.models.loading import count_parameters, init_classifier_head, load_model, load_tokenizer
 from dpft.models.peft import apply_peft, select_trainable
+from dpft.models.precision import cast_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
-from dpft.results import build_failure, build_results, format_table, peak_memory_bytes, write_results
+from dpft.results import build_failure, build_results, format_table, peak_memory_by_device, write_results
 from dpft.seeding import secret_seed
 from dpft.validation import check_delta, validate_config
 
@@ -175,6 +176,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         init_classifier_head(model, tokenizer, task.label_descriptions(), cfg.model)
     model = apply_peft(model, cfg.method.get("peft"))
     select_trainable(model, cfg.method.get("trainable", "all"))
+    cast_trainable(model, cfg.model)
     extra = {"privacy": spec} if spec else {}
     if cfg.method.get("federated"):
         extra["sampling_seed"] = seed
@@ -201,7 +203,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     total, trainable = count_parameters(model)
     results = build_results(
         cfg, module, wall_seconds=wall, data_sizes=datamodule.sizes(), params_total=total,
-        params_trainable=trainable, peak_memory=peak_memory_bytes(),
+        params_trainable=trainable, peak_memory=peak_memory_by_device(),
     )
     results["resume"] = {"resumed_from": str(ckpt) if ckpt else None, "from_step": saved.get("global_step"),
                          "lost_steps_charged": resumable.lost_steps_charged}

@@ -20,24 +20,32 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
+from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
 from dpft.methods.zeroth_order import CLIP_TARGETS, Z_GENERATORS
-from dpft.models.loading import DTYPES, HEAD_INITS, MODEL_KINDS, load_model
+from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
+from dpft.models.precision import (
+    AUTOCAST,
+    CASTING,
+    DTYPES,
+    HALF,
+    model_dtype,
+    trained_dtype,
+    unified_precision,
+)
 from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
 from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 
 log = logging.getLogger(__name__)
 
 PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
-# trainer precisions under which a ZO step can run (a GradScaler needs gradients: no 16-mixed)
-ZO_PRECISIONS = ("32-true", "32", "bf16-true", "16-true", "64-true", "64")
-# precisions whose GradScaler multiplies the loss (hooks would see scaled per-example gradients)
-LOSS_SCALING = ("16-mixed", "16")
+# a GradScaler multiplies the loss: per-example gradients would be clipped at C / scale, and a ZO step has no
+# gradients to unscale
+LOSS_SCALING = ("16-mixed",)
 # float16 weights without loss scaling: a first-order step's states and small updates underflow
 HALF_UNSCALED = ("16-true",)
-
 
 class ConfigError(ValueError):
     """A configuration value outside its valid range."""
@@ -58,6 +66,47 @@ def _check(checks: list[Check]) -> None:
     for key, value, ok, valid in checks:
         if value is None or not ok(value):
             raise ConfigError(f"{key}={value} is invalid: must be {valid}")
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """The trainer precision against the method and the model's dtypes (`dpft.models.precision`), by Lightning's own
+    reading of the value, so every alias of a refused precision is refused."""
+    m, value = cfg.method, cfg.trainer.get("precision", "32-true")
+    try:
+        precision = unified_precision(value)
+    except ValueError as err:
+        raise ConfigError(f"trainer.precision={value} is not a Lightning precision: {err}") from None
+    first_order = str(m.get("_target_", "")).endswith("DPFirstOrder")
+    if precision in LOSS_SCALING and ("eps" in m or first_order):
+        why = ("a zeroth-order step has no gradients for its GradScaler" if "eps" in m else
+               "it scales the loss for a GradScaler, so the per-example gradients would be clipped at method.clip / "
+               "scale")
+        raise ConfigError(f"trainer.precision={value} cannot run {m.name}: {why}; use bf16-mixed or 32-true")
+    if first_order and precision in HALF_UNSCALED:
+        raise ConfigError(f"trainer.precision={value} keeps the weights, AdamW's states and the noised gradient in "
+                          f"float16 without loss scaling (eps and small updates underflow): use bf16-mixed or 32-true")
+    if not trains(cfg):
+        return
+    if precision not in (*AUTOCAST, *CASTING, "32-true"):
+        raise ConfigError(f"trainer.precision={value} ({precision}) has no analysis in dpft's training methods: use "
+                          f"bf16-mixed or 32-true")
+    stored, named = trained_dtype(cfg.model, value), cfg.model.get("trainable_dtype", "float32")
+    if stored in HALF and DTYPES[str(named)] != stored:
+        raise ConfigError(
+            f"trainer.precision={value} stores the trained weights in {str(stored)[6:]}, where a zeroth-order "
+            f"perturb/restore drifts and small updates round away (dpft-bench --only precision): use bf16-mixed "
+            f"(trainer=gpu) with model.trainable_dtype=float32, or set model.trainable_dtype={str(stored)[6:]} to "
+            f"train in it anyway (MeZO's fp16 protocol)")
+    if precision not in AUTOCAST and precision not in CASTING and model_dtype(cfg.model) != stored:
+        raise ConfigError(
+            f"trainer.precision={value} computes without autocast, but model.dtype={cfg.model.dtype} (frozen weights) "
+            f"and model.trainable_dtype={named} (trained weights) differ: use trainer.precision=bf16-mixed "
+            f"(trainer=gpu), or set model.dtype={named}")
+
+
+def trains(cfg: DictConfig) -> bool:
+    """Whether the run updates weights (zero-shot and max_steps=0 only evaluate)."""
+    return int(cfg.trainer.get("max_steps", 0)) > 0 and not str(cfg.method.get("_target_", "")).endswith("ZeroShot")
 
 
 def validate_config(cfg: DictConfig) -> bool:
@@ -102,21 +151,12 @@ def validate_config(cfg: DictConfig) -> bool:
                ("method.z_generator", m.get("z_generator"), Z_GENERATORS),
                ("model.kind", cfg.model.kind, MODEL_KINDS),
                ("model.dtype", cfg.model.get("dtype", "float32"), tuple(DTYPES)),
+               ("model.trainable_dtype", cfg.model.get("trainable_dtype", "float32"), tuple(DTYPES)),
                ("model.head_init", cfg.model.get("head_init", "random"), HEAD_INITS)]
     for key, value, valid in choices:
         if value is not None and value not in valid:
             raise ConfigError(f"{key}={value!r} is not one of {tuple(valid)}")
-    if "eps" in m and str(cfg.trainer.get("precision")) not in ZO_PRECISIONS:
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision} cannot run a zeroth-order step (mixed precision "
-                          f"scales gradients, and there are none): use one of {ZO_PRECISIONS}")
-    if str(m.get("_target_", "")).endswith("DPFirstOrder") and str(cfg.trainer.get("precision")) in LOSS_SCALING:
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision} scales the loss for a GradScaler, so the "
-                          f"per-example gradients would be clipped at method.clip / scale: use bf16-mixed, "
-                          f"bf16-true or 32-true")
-    if str(m.get("_target_", "")).endswith("DPFirstOrder") and str(cfg.trainer.get("precision")) in HALF_UNSCALED:
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision} keeps the weights, AdamW's states and the noised "
-                          f"gradient in float16 without loss scaling (eps and small updates underflow): use "
-                          f"bf16-mixed, bf16-true or 32-true")
+    check_precision(cfg)
     check_devices(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
@@ -164,6 +204,12 @@ def check_devices(cfg: DictConfig) -> None:
     if ddp and cfg.model.get("device_map") is not None:
         raise ConfigError(f"model.device_map={cfg.model.device_map} spreads one model over the GPUs of one process; "
                           "it cannot be combined with trainer=ddp: use trainer=gpu (or model.device_map=null)")
+    m = cfg.method
+    spread = cfg.model.get("device_map") is not None and visible_gpus() > 1
+    if spread and (str(m.get("_target_", "")).endswith("DPFirstOrder") or m.get("mask_fraction")):
+        raise ConfigError(f"model.device_map={cfg.model.device_map} spreads the model over "
+                          f"{visible_gpus()} GPUs, which method={m.name} cannot run on (its per-example norms "
+                          "or masks are combined on one device): use model.device_map=null (one GPU) or trainer=ddp")
 
 
 def federated_checks(cfg: DictConfig) -> list[Check]:

@@ -1,9 +1,10 @@
 """Claim 8 — validation refuses every spelling, for every method it concerns.
 
-- Loss scaling (first-order DP clips per-example gradients a GradScaler would have scaled) and mixed precision
-  (a zeroth-order step has no gradients to scale): every precision value Lightning's Trainer accepts, as a user
-  types it (16 is an int, '16' a string), refused exactly when Lightning maps it to such a mode. Lightning's own
-  mapping is the oracle.
+- Loss scaling (first-order DP clips per-example gradients a GradScaler would have scaled; a zeroth-order step has
+  no gradients to scale), trained weights cast to a half dtype the model's `trainable_dtype` does not name (a ZO
+  restore drifts, updates round away), float16 without loss scaling for first-order, and fp8: every precision value
+  Lightning's Trainer accepts, as a user types it (16 is an int, '16' a string), refused exactly when Lightning maps
+  it to such a mode. Lightning's own mapping is the oracle.
 - Laplace noise for the L2-clipped methods (first-order, federated), asked for by a pure-ε budget, by the method's
   mechanism, or by keys; and a budget of the other mechanism for every private method.
 - δ ≥ 1/n (n examples, or clients) for every Gaussian method, at n itself; δ ≠ 0 for Laplace; and every spelling
@@ -24,7 +25,9 @@ from dpft.validation import ConfigError, check_delta, validate_config
 from tests.conftest import requires_data
 from tests.privacy_matrix.matrix import METHODS, family, in_family, mechanism, method_cfg, typed, units
 
-ZERO_ORDER_SAFE = {"32-true", "64-true", "bf16-true", "16-true"}  # no autocast, no GradScaler
+# Lightning's modes: a GradScaler; casting every weight to a half dtype; fp8
+SCALING, HALF_CAST, FP8 = {"16-mixed"}, {"bf16-true": "bfloat16", "16-true": "float16"}, {"transformer-engine",
+                                                                                        "transformer-engine-float16"}
 
 
 def _flat(hint) -> list:
@@ -50,25 +53,28 @@ def _with(cfg, **values):
     return cfg
 
 
+@pytest.mark.parametrize("trainable_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("method", in_family("first_order") + in_family("zeroth_order"))
-def test_every_precision_spelling_is_refused_exactly_when_it_scales_or_mixes(method):
+def test_every_precision_spelling_is_refused_exactly_when_it_scales_or_casts_to_half(method, trainable_dtype):
     assert {16, "16", "16-mixed", "bf16"} <= set(PRECISIONS)  # the aliases this test is about are all listed
-    # first-order: loss scaling (clip at C / scale), and float16 weights and AdamW states without it
-    refused_modes = {"16-mixed", "16-true"} if family(method) == "first_order" else None
     outcomes = {}
     for value in PRECISIONS:
         text = _typed_as_a_user_would(value)
         unified = UNIFIED[repr(value)]
-        refuse = unified in refused_modes if refused_modes else unified not in ZERO_ORDER_SAFE
-        cfg = _with(method_cfg(method), **{"trainer.precision": typed(f"trainer.precision={text}")})
+        refuse = (unified in SCALING | FP8 or HALF_CAST.get(unified, trainable_dtype) != trainable_dtype
+                  or (family(method) == "first_order" and unified == "16-true")  # float16 AdamW, no scaler
+                  or (unified == "32-true" and trainable_dtype != "float32"))  # the model is float32: no autocast
+        cfg = _with(method_cfg(method), **{"trainer.precision": typed(f"trainer.precision={text}"),
+                                           "model.trainable_dtype": trainable_dtype})
         if refuse:
             with pytest.raises(ConfigError, match="trainer.precision"):
                 validate_config(cfg)
         else:
             validate_config(cfg)
         outcomes[text] = refuse
-    # the spellings of loss scaling are all refused; at least one precision is still allowed
-    assert outcomes["16"] and outcomes["'16'"] and outcomes["16-mixed"] and not all(outcomes.values())
+    # the spellings of loss scaling are all refused; bf16 autocast is not
+    assert outcomes["16"] and outcomes["'16'"] and outcomes["16-mixed"] and not outcomes["bf16-mixed"]
+    assert outcomes["bf16-true"] == (trainable_dtype != "bfloat16")
 
 
 L2_METHODS = in_family("first_order") + in_family("federated")

@@ -17,6 +17,7 @@ Ratios (`name` in bench.json):
 - dpsgd_step_over_opacus          our DP step over Opacus's, same batch and run (target 1.0: at or below Opacus)
 - zo_seconds_per_step             seconds per MeZO step against parameter count (scaling; ratio = s / 1e8 params)
 - ddp_scaling_efficiency          steps/s of data-parallel DP-ZO with 2 processes (gloo, CPU) over 1 process
+- zo_restore_drift_200_steps, zo_update_relative_error   per dtype of the trained weights (`dpft.bench.precision`)
 Timings are medians of interleaved repeats after a warm-up, so drift hits both sides; each repeat runs the
 functions in an order of Williams' design (`balanced_orders`), so none always follows the same neighbour.
 On glibc, malloc's thresholds are fixed first (`keep_freed_memory`), so no contender pays for its neighbour's heap.
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from dpft.bench.precision import bench_precision
 from dpft.config import CONFIG_DIR
 from dpft.methods.zeroth_order import GradientEstimator, PrivateEstimator, ZerothOrderSGD
 from dpft.models.loading import load_model
@@ -491,7 +493,7 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, kept: bool = Fa
 
 # --- entry point --------------------------------------------------------------------------------
 SHAPES, LENGTHS, BATCHES = ("opt-tiny", "opt-125m", "roberta-base"), (64, 256), (8, 32)
-PARTS = ("zo", "memory", "dpsgd", "ddp")
+PARTS = ("zo", "memory", "dpsgd", "ddp", "precision")
 
 
 def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES, lengths: tuple[int, ...] = LENGTHS,
@@ -513,6 +515,9 @@ def run(quick: bool, device: str, repeats: int, shapes: tuple[str, ...] = SHAPES
     for shape, batch, length in dp_points if "dpsgd" in parts else []:
         print(f"[bench] DP-SGD {shape} batch={batch} len={length}", flush=True)
         records += bench_dpsgd(shape, batch, length, device, repeats)
+    if "precision" in parts:
+        print(f"[bench] zeroth-order steps in each dtype of the trained weights ({device})", flush=True)
+        records += bench_precision(device)
     if device == "cpu" and "ddp" in parts:
         shape, batch, length = points[0] if quick else ("opt-125m", 16, 128)
         print(f"[bench] data-parallel DP-ZO, 2 processes vs 1, {shape} batch={batch} len={length}", flush=True)
@@ -534,13 +539,15 @@ def format_table(records: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         ratio = "n/a" if r["ratio"] is None else (f"{r['ratio']:.3f} s/1e8 params" if r["name"] == "zo_seconds_per_step"
-                                                  else f"{r['ratio']:.3f}")
+                                                  else f"{r['ratio']:.2g}" if "dtype" in r else f"{r['ratio']:.3f}")
         target = "" if r["target"] is None else f"≤ {r['target']}"
         if r["ratio"] is not None and r["target"] is not None:
             target += " ✓" if r["ratio"] <= r["target"] else " ✗"
         spread, each = timing_range(r), r.get("repeat_ratios")
         each = f"{min(each):.3f}–{max(each):.3f}" if each else ""
-        lines.append(f"| {r['name']} | {r['method']} | {r['model_shape']} | {r['batch_size']} × {r['seq_len']} | "
+        shape = f"{r['dtype']}{' (default)' if r['default'] else ''}" if "dtype" in r else r["model_shape"]
+        size = f"{r['batch_size']} × {r['seq_len']}" if r["batch_size"] else "-"
+        lines.append(f"| {r['name']} | {r['method']} | {shape} | {size} | "
                      f"{r['device']} | {ratio} | {each} | {target} | {'' if spread is None else f'{spread:.0%}'} |")
     return "\n".join(lines)
 
@@ -556,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), dest="parts",
                         help="zo: the ZO ratios and scaling; memory: ZO peak memory over inference; dpsgd: DP-SGD and "
-                             "Opacus; ddp: 2 processes vs 1")
+                             "Opacus; ddp: 2 processes vs 1; precision: ZO restore drift and update error per dtype")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's malloc thresholds to adapt (by default they are fixed: keep_freed_memory)")
     args = parser.parse_args(argv)

@@ -372,6 +372,8 @@ class ZerothOrder(MethodModule):
                                          self.privacy.mechanism, self.privacy.expected_batch_size,
                                          seed=derive_seed(self.seed, 0x4015E), secure=self.privacy.secure_mode)
         names = {id(p): n for n, p in self.model.named_parameters()}
+        if self.masks is not None:  # built in setup() or restored from a checkpoint, before the model was moved
+            self.masks = [m if m is None else m.to(p.device) for m, p in zip(self.masks, self._optimizer_order())]
         return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                               seed=self.seed, directions=self.directions, estimator=estimator, masks=self.masks,
                               schedule=self.schedule, proximal=self.proximal, z_generator=self.z_generator,

@@ -21,12 +21,12 @@ from transformers import (
 )
 
 from dpft.data.tasks import data_dir
+from dpft.models.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("causal_lm", "masked_lm", "classifier")
 _AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM, "classifier": AutoModel}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Heads a checkpoint must carry for each kind; a missing head would be silently re-initialised.
 _HEAD_PREFIXES = {"masked_lm": ("lm_head", "cls.predictions"), "causal_lm": ("lm_head",)}
 
@@ -188,6 +188,7 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
                    "with Hub access (save_pretrained) and set model.pretrained=<folder>.")
             ) from err
         _check_head(model_cfg, kind, list(info.get("missing_keys", [])))
+        _check_not_offloaded(model_cfg, model)
     else:
         if not model_cfg.get("config"):
             raise ValueError(f"model {model_cfg.name}: set model.pretrained or model.config")
@@ -201,6 +202,17 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
             raise ValueError(f"model.kind=classifier needs a classification task (got {num_labels} labels)")
         model = MeanPoolClassifier(model, num_labels, bool(model_cfg.get("cache_features", False))).to(dtype)
     return model
+
+
+def _check_not_offloaded(model_cfg: Any, model: nn.Module) -> None:
+    """accelerate offloads what the GPUs cannot hold to the CPU or disk, where the weights are meta tensors filled at
+    each forward: an in-place ZO perturbation or a per-example gradient of them would be lost. Refused."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted(name for name, device in placed.items() if device in ("cpu", "disk"))
+    if offloaded and torch.cuda.is_available():
+        raise ValueError(f"model.device_map={model_cfg.device_map}: {len(offloaded)} module(s) of {model_cfg.name} do "
+                         f"not fit the GPUs and were offloaded to the CPU or disk (e.g. {offloaded[0]}), where the "
+                         "methods cannot update them: use more GPUs or a smaller model")
 
 
 HEAD_INITS = ("random", "prototypes")

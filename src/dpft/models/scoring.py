@@ -38,17 +38,40 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.
 
 def logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor,
               head: nn.Module | None = None) -> torch.Tensor:
-    """LM logits [B, K, V] at positions [B, K] only. Over every position the output layer and its [B, L, V]
-    logits took about half of an OPT-125m forward at 16 × 128 (CPU), yet every loss here reads a few positions. A pre-hook on the output layer (`head`, default the model's output
-    embedding) selects them, so wrappers (peft's LoRA, prefix tuning) keep their own forward."""
+    """LM logits [B, K, V] at positions [B, K] only, in float32. Over every position the output layer and its
+    [B, L, V] logits took about half of an OPT-125m forward at 16 × 128 (CPU), yet every loss here reads a few
+    positions. A pre-hook on the output layer (`head`, default the model's output embedding) selects them, so
+    wrappers (peft's LoRA, prefix tuning) keep their own forward.
+
+    A linear head is then recomputed on those rows in float32, outside autocast: bf16 logits are rounded to 2⁻⁸ of
+    their size (0.0625 at |logit| ∈ [8, 16)), more than DP-ZO's clip on ℓ⁺ − ℓ⁻ (C = 0.05)."""
     rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
     head = model.get_output_embeddings() if head is None else head
-    handle = head.register_forward_pre_hook(
-        lambda _, args: (args[0][rows, positions], *args[1:]))
+    handles = [head.register_forward_pre_hook(lambda _, args: (args[0][rows, positions], *args[1:]))]
+    if type(head) is nn.Linear:  # a peft-wrapped head keeps its own (adapter) forward and is upcast after it
+        handles.append(head.register_forward_hook(lambda module, args, out: exact_values(out, module, args[0])))
     try:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def exact_values(out: torch.Tensor, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`out` = layer(x) with the values of `float32_linear`; the gradient still flows through `out` itself, where
+    per-example gradient hooks read it."""
+    with torch.no_grad():
+        correction = float32_linear(layer, x) - out.float()
+    return out.float() + correction
+
+
+def float32_linear(layer: nn.Linear, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """`layer(x)` in float32 whatever the weights' dtype and autocast, upcasting `chunk` output rows of the weight
+    at a time (a whole fp32 copy of OPT-13B's output embedding would be 1 GB)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        out = torch.cat([x @ layer.weight[i:i + chunk].float().T for i in range(0, layer.out_features, chunk)], -1)
+        return out + layer.bias.float() if layer.bias is not None else out
 
 
 @dataclass
