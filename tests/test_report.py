@@ -189,11 +189,14 @@ def test_when_splits_the_multirun_on_its_key():
 # --- the report -------------------------------------------------------------------------------------------
 def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed",
           model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0,
-          data_seed: int = 42, privacy: dict | None = None, lr: float | None = None) -> None:
+          data_seed: int = 42, privacy: dict | None = None, lr: float | None = None, cost: dict | None = None,
+          communication: dict | None = None) -> None:
     metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
     results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": data_seed,
                "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99, **(privacy or {})},
-               "cost": {}, "config": {"method": {"clip": clip, "lr": lr}}}
+               "cost": cost or {}, "config": {"method": {"clip": clip, "lr": lr}}}
+    if communication is not None:
+        results["communication"] = communication
     if status != "completed":
         results["error"] = "ValueError: out of budget"
     write_results(results, folder / f"{method}-{eps}-{seed}-{data_seed}-{clip}-{lr}-{status}" / "results.json")
@@ -227,6 +230,31 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_each_cell_carries_its_memory_time_and_communication_costs(tmp_path):
+    gib = 2**30
+    _fake(tmp_path, "dpzero", 2.0, 0, 90.0, cost={"peak_memory_bytes": 2 * gib, "seconds_per_step": 0.5,
+                                                  "wall_seconds": 3600, "forward_passes": 100, "device": "cuda:0, cuda:1"})
+    _fake(tmp_path, "dpzero", 2.0, 1, 92.0, cost={"peak_memory_bytes": 4 * gib, "seconds_per_step": 1.5,
+                                                  "wall_seconds": 7200, "forward_passes": 300, "device": "cuda:0, cuda:1"})
+    _fake(tmp_path, "dp_fedavg", 2.0, 0, 80.0, cost={"peak_memory_bytes": gib, "wall_seconds": 1800, "device": "cpu"},
+          communication={"upload_bytes_per_client": 4096})
+    out = report(tmp_path)
+    with (tmp_path / "table.csv").open() as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    zo, fed = rows["dpzero"], rows["dp_fedavg"]
+    assert float(zo["peak_memory_gib"]) == 3.0 and float(zo["seconds_per_step"]) == 1.0
+    assert float(zo["device_hours"]) == 2 * (1 + 2) and zo["device"] == "2 GPU"  # both runs, two GPUs each
+    assert float(zo["forward_passes"]) == 200 and zo["upload_bytes_per_client_round"] == ""
+    assert float(fed["device_hours"]) == 0.5 and fed["device"] == "cpu"
+    assert float(fed["upload_bytes_per_client_round"]) == 4096
+    table = (tmp_path / "table.md").read_text()
+    assert "| peak GiB | s / step | device-hours | forward passes | upload bytes / client-round |" in table
+    assert "| 3.00 | 1 | 6 (2 GPU) | 200 | – |" in table
+    assert "Memory (GiB) & s/step & Device-h" in (tmp_path / "table.tex").read_text()
+    assert (tmp_path / "memory_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.cells[0].costs
 
 
 def test_report_keeps_the_searched_configuration_with_the_best_validation_metric(tmp_path):

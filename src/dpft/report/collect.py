@@ -52,6 +52,16 @@ class Cell:
     selection_epsilon: float | None = None
     selection_delta: float | None = None
     selection_runs: int = 0
+    costs: list[dict[str, Any]] = field(default_factory=list)  # each run's cost (and communication) figures
+
+    def cost(self, key: str, total: bool = False) -> float | None:
+        """The mean (or the sum) over the cell's runs of one `run_cost` figure; None when no run has it."""
+        values = [c[key] for c in self.costs if c.get(key) is not None]
+        return None if not values else sum(values) if total else statistics.fmean(values)
+
+    @property
+    def devices(self) -> str | None:
+        return " / ".join(sorted({c["device"] for c in self.costs if c.get("device")})) or None
 
     @property
     def mean(self) -> float:
@@ -81,6 +91,20 @@ class Comparison:
     @property
     def stderr(self) -> float:
         return math.hypot(self.cell.stderr, self.baseline.stderr)
+
+
+def run_cost(results: dict[str, Any]) -> dict[str, Any]:
+    """One run's cost figures: peak memory (GiB, summed over its devices), seconds per step, device-hours (train
+    wall time × devices), forward passes, and for federated methods the upload bytes of one client in one round."""
+    cost, communication = results.get("cost") or {}, results.get("communication") or {}
+    devices = [d for d in str(cost.get("device") or "cpu").split(", ") if d]
+    seconds = cost.get("wall_seconds")
+    return {"peak_memory_gib": None if cost.get("peak_memory_bytes") is None else cost["peak_memory_bytes"] / 2**30,
+            "seconds_per_step": cost.get("seconds_per_step"),
+            "device_hours": None if seconds is None else seconds * len(devices) / 3600,
+            "device": "cpu" if devices == ["cpu"] else f"{len(devices)} GPU" if devices else None,
+            "forward_passes": cost.get("forward_passes"),
+            "upload_bytes_per_client_round": communication.get("upload_bytes_per_client")}
 
 
 def _eps(value: float) -> str:
@@ -194,6 +218,10 @@ class Report:
                 "baseline": cmp and f"{cmp.baseline.method} (ε={_eps(cmp.baseline.epsilon)})",
                 "vs_baseline": cmp and cmp.difference, "vs_baseline_stderr": cmp and cmp.stderr,
                 "vs_baseline_reference": cmp and cmp.reference,
+                "peak_memory_gib": c.cost("peak_memory_gib"), "seconds_per_step": c.cost("seconds_per_step"),
+                "device_hours": c.cost("device_hours", total=True), "device": c.devices,
+                "forward_passes": c.cost("forward_passes"),
+                "upload_bytes_per_client_round": c.cost("upload_bytes_per_client_round"),
             })
         return out
 
@@ -209,14 +237,21 @@ class Report:
     def markdown(self) -> str:
         rows = self.rows()
         searched = any(r["selected"] for r in rows)
+        federated = any(r["upload_bytes_per_client_round"] is not None for r in rows)
         head = ["task", "model", "method", "ε target", "ε spent", "n", "test (mean ± s.e.)", "paper", "Δ"]
         head += ["selected (best val)", "ε of the selection (all runs composed)"] if searched else []
+        head += ["peak GiB", "s / step", "device-hours", "forward passes"]
+        head += ["upload bytes / client-round"] if federated else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["task"], r["model"], r["method"], r["epsilon"], _fmt(r["epsilon_spent"], ".3g"), str(r["n"]),
                      f"{r['mean']:.1f} ± {r['stderr']:.1f}", _fmt(r["reference"]), _fmt(r["difference"], "+.1f")]
             if searched:
                 cells += [f"{r['selected']} (of {r['tried']})" if r["selected"] else "–", _selection_text(r)]
+            cells += [_fmt(r["peak_memory_gib"], ".2f"), _fmt(r["seconds_per_step"], ".3g"),
+                      _fmt(r["device_hours"], ".3g") + (f" ({r['device']})" if r["device"] else ""),
+                      _fmt(r["forward_passes"], ".0f")]
+            cells += [_fmt(r["upload_bytes_per_client_round"], ".0f")] if federated else []
             lines.append("| " + " | ".join(cells) + " |")
         if self.comparisons:
             lines += ["", "Differences (method − baseline, ± s.e.):", "",
@@ -246,16 +281,20 @@ class Report:
 
         rows = self.rows()
         searched = any(r["selected"] for r in rows)
-        lines = [r"\begin{tabular}{llllrrrrl" + "r" * searched + "}", r"\toprule",
+        lines = [r"\begin{tabular}{llllrrrrl" + "r" * searched + "rrr}", r"\toprule",
                  r"Task & Model & Method & $\varepsilon$ & $\varepsilon$ spent & $n$ & Test & Paper & $\Delta$"
-                 + r" & $\varepsilon$ of the selection (runs)" * searched + r" \\", r"\midrule"]
+                 + r" & $\varepsilon$ of the selection (runs)" * searched + r" & Memory (GiB) & s/step & Device-h \\",
+                 r"\midrule"]
         for c, r in zip(self.cells, rows):
             diff = None if c.reference is None else c.mean - c.reference
             selection = f" & {_selection_text(r, latex=True)}" if searched else ""
             lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.method)} & {eps(c.epsilon)} & "
                          f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
                          f"{c.mean:.1f} $\\pm$ {c.stderr:.1f} & {_fmt(c.reference).replace('–', '--')} & "
-                         f"{_fmt(diff, '+.1f').replace('–', '--')}{selection} \\\\")
+                         f"{_fmt(diff, '+.1f').replace('–', '--')}{selection} & "
+                         + " & ".join(_fmt(r[k], f).replace("–", "--") for k, f in (
+                             ("peak_memory_gib", ".2f"), ("seconds_per_step", ".3g"), ("device_hours", ".3g")))
+                         + " \\\\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         if self.comparisons:
             lines += ["", r"\begin{tabular}{lllll}", r"\toprule",
@@ -304,8 +343,40 @@ class Report:
             ax.legend(fontsize=8)
         return fig
 
+    def memory_figure(self):
+        """Utility against peak memory per method (each ε a point, labelled), one panel per (task, model): what
+        each method's accuracy costs in memory."""
+        from matplotlib.figure import Figure
+
+        panels = sorted({(c.task, c.model) for c in self.cells if c.cost("peak_memory_gib") is not None})
+        columns = min(max(len(panels), 1), 4)
+        rows = math.ceil(max(len(panels), 1) / columns)
+        fig = Figure(figsize=(5 * columns, 4 * rows), layout="tight")
+        axes = fig.subplots(rows, columns, squeeze=False).flatten()
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        methods = sorted({c.method for c in self.cells})
+        for ax, (task, model) in zip(axes, panels):
+            for c in self.cells:
+                memory = c.cost("peak_memory_gib")
+                if (c.task, c.model) != (task, model) or memory is None:
+                    continue
+                index = methods.index(c.method)
+                ax.errorbar([memory], [c.mean], yerr=[c.stderr], marker=MARKERS[index % len(MARKERS)], capsize=3,
+                            color=f"C{index % 10}", label=c.method)
+                ax.annotate(f"ε={_eps(c.epsilon)}", (memory, c.mean), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            handles, labels = ax.get_legend_handles_labels()
+            unique = dict(zip(labels, handles))
+            ax.legend(unique.values(), unique.keys(), fontsize=8)
+            ax.set_xscale("log")
+            ax.set_xlabel("peak memory (GiB, all devices)")
+            ax.set_ylabel("test metric (%)")
+            ax.set_title(f"{task} · {model}")
+        return fig
+
     def write(self, out: Path) -> None:
-        """table.md, table.tex, table.csv and privacy_utility.png into `out`."""
+        """table.md, table.tex, table.csv, privacy_utility.png and memory_utility.png into `out`."""
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text(self.markdown())
         (out / "table.tex").write_text(self.latex())
@@ -315,6 +386,7 @@ class Report:
             writer.writeheader()
             writer.writerows(rows)
         self.figure().savefig(out / "privacy_utility.png", dpi=120)
+        self.memory_figure().savefig(out / "memory_utility.png", dpi=120)
 
 
 def _error_line(results: dict[str, Any]) -> str:
@@ -355,7 +427,8 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
         cell = Cell(*key, values=[main_metric(r) for r in runs],
                     spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
                            if r["privacy"].get("epsilon_spent") is not None],
-                    selected={searched[i]: choice[i] for i in varied}, tried=len(configurations))
+                    selected={searched[i]: choice[i] for i in varied}, tried=len(configurations),
+                    costs=[run_cost(r) for r in runs])
         cells.append(cell)
         if len(configurations) > 1:
             selection += _charge_selection(cell, [r for rs in configurations.values() for r in rs], left_out[key])
