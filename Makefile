@@ -21,7 +21,7 @@ FILES ?=
 MUTANT_JOBS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean bench bench-quick audit mutants
+.PHONY: help install demo test test-full lint format clean bench bench-quick gpu-check audit mutants
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, bat
 
 bench-quick: $(VENV)/.bench-installed ## the OPT-125m / RoBERTa-base, batch 16, length 128 point only (minutes)
 	$(BIN)/dpft-bench --quick --out bench.json
+
+gpu-check: $(VENV)/.bench-installed ## on a GPU: tests/test_gpu.py, OPT-1.3B/6.7B runs, the GPU bench -> gpu-check.json
+	$(BIN)/python -m dpft.bench.gpu_check --out gpu-check.json
 
 audit: install ## privacy audit of DP-ZO, DPZero, DP-SGD, ANADP (opt-tiny) and of broken mechanisms -> audits/*.json
 	$(BIN)/dpft-audit method=dpzo,dpzero,dpsgd,anadp --out audits

@@ -127,3 +127,45 @@ def test_zo_steps_keep_the_weights_and_the_update_only_in_the_default_scheme(dty
     drift, error = restore_drift(dtype, entries=200_000), update_error(dtype, entries=200_000)
     sound = drift <= 1e-3 and error <= 0.1
     assert sound == (dtype == default_dtype()), (drift, error)
+
+
+ZO_TOLERANCE, DP_TOLERANCE = 0.05, 0.15  # relative; also what tests/test_gpu.py allows between CPU and CUDA
+
+
+def _twins(shape: str = "opt-tiny", lora: bool = False):
+    """The same random model in float32, and in the GPU configurations' scheme (bf16 frozen, fp32 trained)."""
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(compose_config([f"model={shape}", f"model.dtype={dtype}"]).model).eval()
+        if lora:
+            model = apply_peft(model, OmegaConf.create({"mode": "lora", "r": 4, "alpha": 8}))
+            with torch.no_grad():  # LoRA's B starts at zero: give both twins the same non-zero adapters
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        out.append(cast_trainable(model, OPT))
+    return out
+
+
+def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return float(sum((x - y).pow(2).sum() for x, y in zip(a, b)).sqrt() / sum(x.pow(2).sum() for x in a).sqrt())
+
+
+def test_one_zo_and_one_dp_step_of_the_gpu_scheme_agree_with_float32():
+    """The scheme's bf16 compute moves a ZO projected gradient and a clipped DP-SGD sum by less than the tolerances
+    (bf16 autocast on the CPU; tests/test_gpu.py checks CUDA against this CPU float32 reference)."""
+    from dpft.bench.precision import clipped_gradient, projected_gradient
+    from dpft.bench.run import make_batch, per_example_loss
+
+    fp32, scheme = _twins()
+    batch = make_batch(fp32, 8, 32, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    directions = [torch.randn(p.shape, generator=gen) for p in fp32.parameters()]
+    mean_loss = lambda m: per_example_loss(m, batch).float().mean()  # noqa: E731
+    g32 = projected_gradient(fp32, mean_loss, directions)
+    assert abs(projected_gradient(scheme, mean_loss, directions, autocast="cpu") - g32) <= ZO_TOLERANCE * abs(g32)
+    fp32, scheme = _twins(lora=True)
+    losses = lambda m: per_example_loss(m, batch).float()  # noqa: E731
+    reference = clipped_gradient(fp32, losses, 8, clip=0.01)  # a clip that clips
+    assert _relative(reference, clipped_gradient(scheme, losses, 8, clip=0.01, autocast="cpu")) <= DP_TOLERANCE
+    assert _relative(reference, clipped_gradient(fp32, losses, 8, clip=0.02)) > DP_TOLERANCE  # the test can fail

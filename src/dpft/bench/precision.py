@@ -78,3 +78,46 @@ def bench_precision(device: str = "cpu", entries: int = ENTRIES) -> list[dict[st
                             "dtype": str(dtype).removeprefix("torch."), "scheme": scheme, "default": dtype == default,
                             "eps": EPS, "update": UPDATE})
     return records
+
+
+# --- one step in fp32 against the same step in another scheme (tests/test_precision.py, tests/test_gpu.py) ------
+def projected_gradient(model: torch.nn.Module, loss: Any, directions: list[torch.Tensor], eps: float = EPS,
+                       autocast: str | None = None) -> float:
+    """(ℓ(θ + φz) − ℓ(θ − φz)) / 2φ for given directions z (one per parameter, drawn once by the caller so two
+    devices use the same z), `loss(model)` the mean loss, under bf16 autocast on the device `autocast` names."""
+    params = list(model.parameters())
+
+    def at(scale: float) -> float:
+        for p, z in zip(params, directions):
+            p.add_(z.to(device=p.device, dtype=p.dtype), alpha=scale)
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            return float(loss(model))
+
+    with torch.no_grad():
+        plus, minus = at(eps), at(-2 * eps)
+        at(eps)
+    return (plus - minus) / (2 * eps)
+
+
+def clipped_gradient(model: torch.nn.Module, losses: Any, examples: int, clip: float,
+                     autocast: str | None = None) -> list[torch.Tensor]:
+    """Σ_i min(1, C/‖g_i‖) g_i over the `examples` per-example losses `losses(model)`, as DP-SGD forms it before
+    the noise; returned on the CPU in float32 (for comparison across devices)."""
+    from dpft.privacy.per_example import PerExampleGradients
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = PerExampleGradients(model, params)
+    try:
+        with per_example.capture(examples), torch.autocast(autocast or "cpu", dtype=torch.bfloat16,
+                                                            enabled=autocast is not None):
+            values = losses(model)
+        per_example.backward(values.sum())
+        norms = torch.stack(list(per_example.norms_by_layer().values())).sum(0).sqrt()
+        per_example.accumulate((clip / (norms + 1e-6)).clamp(max=1.0))
+        out = [p.summed_grad.detach().float().cpu() for p in params]
+    finally:
+        per_example.remove()
+        for p in params:
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+    return out

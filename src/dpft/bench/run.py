@@ -48,6 +48,7 @@ from dpft.bench.precision import bench_precision
 from dpft.config import CONFIG_DIR
 from dpft.methods.zeroth_order import GradientEstimator, PrivateEstimator, ZerothOrderSGD
 from dpft.models.loading import load_model
+from dpft.models.precision import cast_trainable
 from dpft.models.scoring import logits_at
 
 TARGETS = {"zo_step_over_two_forwards": 1.15, "zo_peak_memory_over_inference": 1.05,
@@ -56,10 +57,19 @@ TARGETS = {"zo_step_over_two_forwards": 1.15, "zo_peak_memory_over_inference": 1
 
 # --- models and batches ------------------------------------------------------------------------
 def build(shape: str, device: str) -> nn.Module:
+    """Random weights of the shape: on CUDA in the GPU configurations' dtypes (the YAML's frozen dtype, fp32 trained
+    weights: every weight trains in these steps; the losses run under bf16 autocast), on CPU in float32."""
     cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{shape}.yaml")
     cfg.pretrained = None
-    cfg.dtype = "float32"
-    return load_model(cfg).to(device).eval()
+    if not device.startswith("cuda"):
+        cfg.dtype = "float32"
+    return cast_trainable(load_model(cfg), cfg).to(device).eval()
+
+
+def gpu_autocast(batch: dict[str, torch.Tensor]):
+    """trainer=gpu's bf16-mixed autocast for a batch on CUDA; nothing on CPU."""
+    ids = batch["input_ids"]
+    return torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=ids.is_cuda)
 
 
 LABEL_WORDS = [1000, 2000]  # two label words, as in the suite's binary tasks
@@ -84,13 +94,15 @@ def _label_word_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Module | None = None) -> torch.Tensor:
     """The suite's classification loss, per example: the output layer (`head`, for wrapped models) only at the
     label position, as the scorers compute it in training."""
-    return _label_word_losses(logits_at(model, batch, batch["at"], head)[:, 0], batch["labels"])
+    with gpu_autocast(batch):
+        return _label_word_losses(logits_at(model, batch, batch["at"], head)[:, 0], batch["labels"])
 
 
 def mezo_reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same loss the way the public MeZO code computes it: logits and log-softmax at every position,
     then the label position picked out."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with gpu_autocast(batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits.float(), -1)
     return _label_word_losses(logp[torch.arange(logp.shape[0]), batch["at"][:, 0]], batch["labels"])
 

@@ -197,11 +197,24 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
         with torch.random.fork_rng():  # tiny random models are identical in every run, whatever the seed
             torch.manual_seed(int(model_cfg.get("init_seed", 0)))
             model = auto.from_config(config, dtype=dtype)
+        if model_cfg.get("device_map") and not meta:  # random weights of a big shape, spread as from_pretrained does
+            model = _dispatch(model, model_cfg.device_map)
     if kind == "classifier":
         if num_labels < 2:
             raise ValueError(f"model.kind=classifier needs a classification task (got {num_labels} labels)")
         model = MeanPoolClassifier(model, num_labels, bool(model_cfg.get("cache_features", False))).to(dtype)
     return model
+
+
+def _dispatch(model: nn.Module, device_map: Any) -> nn.Module:
+    from accelerate import dispatch_model, infer_auto_device_map
+    from omegaconf import OmegaConf
+
+    if device_map == "auto":
+        placed = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+    else:
+        placed = OmegaConf.to_container(device_map) if OmegaConf.is_config(device_map) else dict(device_map)
+    return dispatch_model(model, device_map=placed)
 
 
 def _check_not_offloaded(model_cfg: Any, model: nn.Module) -> None:
