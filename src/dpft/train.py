@@ -43,6 +43,7 @@ from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
 from dpft.results import build_failure, build_results, format_table, peak_memory_by_device, write_results
 from dpft.seeding import secret_seed
+from dpft.selection import BestValidation, main_validation_metric
 from dpft.validation import check_delta, validate_config
 
 log = logging.getLogger("dpft")
@@ -187,7 +188,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     resumable = ResumableRun(output_dir, cfg, cfg.checkpoint.get("every_n_steps"), resumed_from=ckpt,
                              keep=cfg.checkpoint.get("keep", False),
                              sampling_seed=seed if cfg.privacy.get("secure_mode", False) else None)
-    trainer = build_trainer(cfg, output_dir, logger, [resumable], validate="val" in needed, model=model)
+    best = (BestValidation(checkpoint_dir(output_dir), main_validation_metric(task.kind))
+            if cfg.get("select", "last") == "best_val" else None)
+    trainer = build_trainer(cfg, output_dir, logger, [resumable, *([best] if best else [])], validate="val" in needed,
+                            model=model)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -205,6 +209,9 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         cfg, module, wall_seconds=wall, data_sizes=datamodule.sizes(), params_total=total,
         params_trainable=trainable, peak_memory=peak_memory_by_device(),
     )
+    results["selection"] = best.summary() if best else {"rule": "last"}
+    if best and private:
+        results["privacy"]["validation_treated_as_public"] = True  # the choice among releases reads it
     results["resume"] = {"resumed_from": str(ckpt) if ckpt else None, "from_step": saved.get("global_step"),
                          "lost_steps_charged": resumable.lost_steps_charged}
     if trainer.is_global_zero:  # data parallel: one results.json, one W&B summary

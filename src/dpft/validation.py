@@ -37,6 +37,7 @@ from dpft.models.precision import (
 )
 from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
 from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
+from dpft.selection import SELECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ def validate_config(cfg: DictConfig) -> bool:
         checks.append(("checkpoint.every_n_steps", every, lambda v: _int(v) and v >= 1,
                        "null (only on SIGTERM) or an integer >= 1"))
     checks.append(("resume", cfg.get("resume", "auto"), lambda v: v in ("auto", "never"), "auto or never"))
+    checks.append(("select", cfg.get("select", "last"), lambda v: v in SELECTIONS, f"one of {SELECTIONS}"))
+    if cfg.get("select", "last") == "best_val" and not (cfg.get("validate", True) and trains(cfg)):
+        raise ConfigError("select=best_val chooses among the validations of a training run: it needs validate=true "
+                          "and trainer.max_steps > 0 (and a method that trains)")
     if m.get("federated"):
         checks += federated_checks(cfg)
     _check(checks)
