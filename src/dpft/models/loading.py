@@ -197,7 +197,8 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
         with torch.random.fork_rng():  # tiny random models are identical in every run, whatever the seed
             torch.manual_seed(int(model_cfg.get("init_seed", 0)))
             model = auto.from_config(config, dtype=dtype)
-        if model_cfg.get("device_map") and not meta:  # random weights of a big shape, spread as from_pretrained does
+        # random weights of a big shape, spread as from_pretrained does (not weights built on the meta device)
+        if model_cfg.get("device_map") and not meta and next(model.parameters()).device.type != "meta":
             model = _dispatch(model, model_cfg.device_map)
     if kind == "classifier":
         if num_labels < 2:
