@@ -247,3 +247,29 @@ def test_chunked_update_with_mask_decay_and_anchor_equals_the_written_rule(monke
         torch.testing.assert_close(p.detach().view(-1), expected, rtol=0, atol=1e-6)
     draws = torch.cat([opt._z(params[1], 1, s).view(-1) for s in range(400)])  # 400 × 5 entries
     assert abs(draws.mean().item()) < 0.1 and abs(draws.std().item() - 1.0) < 0.05
+
+
+def test_sphere_directions_have_norm_sqrt_d_and_the_update_follows_the_written_rule():
+    """direction=sphere (DPZero): z_k scaled to ‖z_k‖ = √d over all parameters; θ ← θ − η g z_k exactly, and the
+    perturbations around the step cancel as with Gaussian directions."""
+    x, y = _batch()
+    model = _model()
+    params = list(model.parameters())
+    theta = [p.detach().clone() for p in params]
+    lr = 0.1
+    opt = ZerothOrderSGD(params, lr=lr, eps=1e-3, seed=4, direction="sphere")
+    gaussian = ZerothOrderSGD([p.detach().clone() for p in params], lr=lr, eps=1e-3, seed=4)
+    opt.step(lambda: nn.functional.cross_entropy(model(x), y, reduction="none"))
+    seed = opt.step_seed(0)
+    zs = [opt._z(p, i, seed) for i, p in enumerate(params)]
+    d = sum(p.numel() for p in params)
+    assert float(torch.sqrt(sum(z.double().pow(2).sum() for z in zs))) == pytest.approx(d ** 0.5, rel=1e-6)
+    raw = [gaussian._z(p, i, seed) for i, p in enumerate(gaussian.param_groups[0]["params"])]
+    scale = opt.direction_scale(seed)
+    assert scale != pytest.approx(1.0, abs=1e-3)  # a real rescaling, the same for every parameter
+    assert all(torch.allclose(z, scale * r) for z, r in zip(zs, raw))
+    g = opt.state["zo"]["projected_grads"][0]
+    for p, t, z in zip(params, theta, zs):
+        torch.testing.assert_close(p, t - lr * g * z, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="method.direction='ball' is not one of"):
+        ZerothOrderSGD(params, lr=lr, direction="ball")

@@ -23,7 +23,7 @@ from dpft.data.federated import PARTITIONS
 from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
-from dpft.methods.zeroth_order import CLIP_TARGETS, Z_GENERATORS
+from dpft.methods.zeroth_order import CLIP_TARGETS, DIRECTIONS, Z_GENERATORS
 from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
 from dpft.models.precision import (
@@ -154,6 +154,7 @@ def validate_config(cfg: DictConfig) -> bool:
                ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
                ("method.clip_target", m.get("clip_target"), CLIP_TARGETS),
                ("method.z_generator", m.get("z_generator"), Z_GENERATORS),
+         ("method.direction", m.get("direction"), DIRECTIONS),
                ("model.kind", cfg.model.kind, MODEL_KINDS),
                ("model.dtype", cfg.model.get("dtype", "float32"), tuple(DTYPES)),
                ("model.trainable_dtype", cfg.model.get("trainable_dtype", "float32"), tuple(DTYPES)),

@@ -14,6 +14,9 @@ name) alone, not on the other parameters (order, placement). Its generator (`z_g
   on accelerators, torch's generator of the device (as "torch");
 - "torch": torch's generator of the parameter's device, reseeded per chunk from (key, chunk).
 
+`direction=sphere` rescales each z_k to the sphere of radius √d (√d / ‖z_k‖, one more pass generating it), DPZero's
+directions; the clipping and the noise do not change (they act on the scalars).
+
 What the variants change:
 - `estimate` (`GradientEstimator`): MeZO averages r_i; private estimators clip r_i (DPZero) or the raw
   difference ℓ⁺_i - ℓ⁻_i (DP-ZO; equivalently r_i to C/2φ), sum, add Gaussian or Laplace noise to the
@@ -48,6 +51,7 @@ from dpft.seeding import chunks, derive_seed, for_each, thread_generator
 
 CLIP_TARGETS = ("difference", "normalized")
 Z_GENERATORS = ("philox", "torch")
+DIRECTIONS = ("gaussian", "sphere")
 
 
 # --- projected-gradient estimators ---------------------------------------------------------------
@@ -145,7 +149,8 @@ class ZerothOrderSGD(Optimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  directions: int = 1, estimator: GradientEstimator | None = None,
                  masks: Sequence[torch.Tensor | None] | None = None, schedule: StageSchedule | None = None,
-                 proximal: float = 0.0, param_names: Sequence[str] | None = None, z_generator: str = "philox"):
+                 proximal: float = 0.0, param_names: Sequence[str] | None = None, z_generator: str = "philox",
+                 direction: str = "gaussian"):
         if lr < 0 or eps <= 0 or directions < 1:
             raise ValueError(f"need lr >= 0, eps (perturbation scale φ) > 0 and directions >= 1; got lr={lr}, "
                              f"eps={eps}, directions={directions}")
@@ -166,6 +171,9 @@ class ZerothOrderSGD(Optimizer):
         if z_generator not in Z_GENERATORS:
             raise ValueError(f"method.z_generator={z_generator!r} is not one of {Z_GENERATORS}")
         self.z_generator = z_generator
+        if direction not in DIRECTIONS:
+            raise ValueError(f"method.direction={direction!r} is not one of {DIRECTIONS}")
+        self.direction, self._scales = direction, {}
         if z_generator == "philox" and any(p.device.type == "cpu" for _, _, p in self._params()):
             philox.kernel()  # builds it now, or says what to change
         self.state["zo"] = {"step": 0, "projected_grads": [], "z_generator": z_generator}
@@ -230,9 +238,29 @@ class ZerothOrderSGD(Optimizer):
     def _z(self, p: torch.Tensor, index: int, seed: int) -> torch.Tensor:
         """The whole z of parameter `index` (its masked coordinates under a mask), for checks and audits."""
         z = torch.cat([self._chunk(p, index, seed, c, part) for c, part in enumerate(self._parts(p, index))])
+        if self.direction == "sphere":
+            z = z * self.direction_scale(seed)
         return z.view(p.shape) if self.masks[index] is None else z
 
+    def direction_scale(self, seed: int) -> float:
+        """What z is multiplied by: 1 for Gaussian directions; √d / ‖z‖ for directions uniform on the sphere of
+        radius √d (DPZero's), d the coordinates perturbed. ‖z‖ costs one more pass generating z (not stored)."""
+        if self.direction == "gaussian":
+            return 1.0
+        if seed not in self._scales:
+            squares: list[tuple[float, int]] = []
+
+            def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
+                z = self._chunk(p, i, seed, c, part)  # in the parameter's dtype, as it is added
+                squares.append((float(z.double().pow(2).sum()), z.numel()))
+
+            self._for_each_chunk(one)
+            self._scales[seed] = math.sqrt(sum(n for _, n in squares) / sum(q for q, _ in squares))
+        return self._scales[seed]
+
     def perturb(self, seed: int, scale: float) -> None:
+        scale *= self.direction_scale(seed)
+
         @torch.no_grad()
         def one(i: int, group: dict, p: torch.Tensor, c: int, part: slice) -> None:
             self._add_z(p, i, seed, c, part, scale)
@@ -255,7 +283,8 @@ class ZerothOrderSGD(Optimizer):
                              None if anchor is None else anchor.view(-1)[part])
             for k, (seed, grad) in enumerate(zip(seeds, grads)):
                 step = -lr * grad / len(seeds)
-                self._add_z(p, i, seed, c, part, step + eps * (1 - shrink) if k == k_last else step)
+                coefficient = step + eps * (1 - shrink) if k == k_last else step
+                self._add_z(p, i, seed, c, part, coefficient * self.direction_scale(seed))
 
         self._for_each_chunk(one)
 
@@ -290,6 +319,7 @@ class ZerothOrderSGD(Optimizer):
             self._start_stage(state["step"])
         eps = self.param_groups[0]["eps"]
         seeds = [self.step_seed(state["step"], k) for k in range(self.directions)]
+        self._scales = {}  # this step's √d / ‖z_k‖ (sphere directions)
         grads, losses = [], []
         for k, seed in enumerate(seeds):
             self.perturb(seed, eps)
@@ -337,10 +367,11 @@ class ZerothOrder(MethodModule):
                  clip: float | None = None, clip_target: str | None = None,
                  first_stage: int | None = None, lr_decay: float = 0.5, eps_decay: float = 1.0,
                  proximal: float = 0.0, mask_fraction: float | None = None, mask_queries: int = 8,
-                 mask_select: str = "largest", z_generator: str = "philox",
+                 mask_select: str = "largest", z_generator: str = "philox", direction: str = "gaussian",
                  privacy: PrivacySpec | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.eps, self.seed, self.directions, self.z_generator = eps, seed, directions, z_generator
+        self.direction = direction
         self.clip, self.clip_target = clip, clip_target
         self.schedule = StageSchedule(first_stage, lr_decay, eps_decay) if first_stage else None
         self.proximal, self.mask_fraction, self.mask_queries = proximal, mask_fraction, mask_queries
@@ -377,6 +408,7 @@ class ZerothOrder(MethodModule):
         return ZerothOrderSGD(self.param_groups(), lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
                               seed=self.seed, directions=self.directions, estimator=estimator, masks=self.masks,
                               schedule=self.schedule, proximal=self.proximal, z_generator=self.z_generator,
+                              direction=self.direction,
                               param_names=[names[id(p)] for p in self._optimizer_order()])
 
     def _optimizer_order(self) -> list[torch.nn.Parameter]:
@@ -433,7 +465,7 @@ class ZerothOrder(MethodModule):
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {**super().hyperparameters(), "eps": self.eps, "zo_seed": self.seed, "directions": self.directions,
-               "z_generator": self.z_generator}
+               "z_generator": self.z_generator, "direction": self.direction}
         if self.private:
             out.update(clip=self.clip, clip_target=self.clip_target)
         if self.schedule:
