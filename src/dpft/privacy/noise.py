@@ -8,7 +8,8 @@ Two modes (`privacy.secure_mode`):
   i, c), over threads (`dpft.seeding`): randn runs on one core, and OPT-125m's 85M entries took 0.44 s
   of a DP step on one thread, 0.20 s on two.
 - secure: uniform bits from the operating system's CSPRNG (`os.urandom`), independent of the experiment
-  seed and never stored in checkpoints; Gaussian noise is the sum of four Box-Muller normals halved
+  seed and never stored in checkpoints (uniforms from 52 random bits each); Gaussian noise is the sum of four
+  Box-Muller normals halved
   (the variance stays 1), as Opacus's secure mode does to blunt floating-point attacks on the sampler.
   Laplace noise is still drawn by floating-point inversion (not hardened against Mironov's attack).
 """
@@ -41,12 +42,12 @@ class NoiseSource:
     # --- uniform and normal draws ---------------------------------------------------------------
     def _uniform(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
                  generator: torch.Generator | None) -> torch.Tensor:
-        """U[0, 1) (secure: (0, 1), 53 random bits each)."""
+        """U[0, 1) (secure: (k + 1/2)·2⁻⁵² from 52 random bits k, strictly inside (0, 1) and exact in float64)."""
         if not self.secure:
             return torch.rand(shape, generator=generator, dtype=dtype, device=device)
         count = math.prod(shape)
-        bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
-        values = (bits.astype(np.float64) + 0.5) * 2.0**-53
+        bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(12)
+        values = (bits.astype(np.float64) + 0.5) * 2.0**-52
         return torch.from_numpy(values).reshape(shape).to(device=device, dtype=dtype)
 
     def _normal(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
@@ -69,9 +70,10 @@ class NoiseSource:
             return torch.zeros(shape, dtype=dtype, device=device)
         if self.mechanism == "gaussian":
             return self._normal(shape, dtype, device, generator).mul_(scale)
-        u = self._uniform(shape, dtype, device, generator) - 0.5
+        # in float64 whatever `dtype`: the clamp below 1/2 must be representable, or a uniform of 0 gives -inf
+        u = self._uniform(shape, torch.float64, device, generator) - 0.5
         # |u| < 1/2 strictly, so the log stays finite
-        return -scale * torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 2.0**-54))
+        return (-scale * torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 2.0**-54))).to(dtype)
 
     def add_to(self, tensors: list[torch.Tensor], scales: list[float]) -> None:
         """tensors[i] += noise of scale scales[i], in place; each tensor gets draws of its own.
