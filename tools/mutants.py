@@ -69,7 +69,7 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_dp_first_order.py::test_noise_drawn_in_chunks_over_threads_is_calibrated_independent_and_reproducible",
         "tests/test_dp_first_order.py::test_empirical_noise_std_matches_sigma_c",
         "tests/test_resume.py::test_secure_noise_has_the_calibrated_std_and_no_reproducible_state",
-        "tests/test_private_zo.py", *matrix("noise"))),
+        "tests/test_noise.py", "tests/test_private_zo.py", *matrix("noise"))),
     Module("src/dpft/privacy/per_example.py", ("tests/test_dp_first_order.py", "tests/test_example_clipping.py",
                                                *matrix("clipping", "nonfinite"))),
     Module("src/dpft/data/sampling.py", (
@@ -78,7 +78,11 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_validation.py",
         "tests/test_privacy_claims.py::test_laplace_is_refused_before_data_for_l2_clipped_methods",
         "tests/test_privacy_claims.py::test_delta_not_below_one_over_n_is_refused_before_the_model",
-        *matrix("refusals"))),
+        *matrix("refusals")),
+           # the checks a privacy statement rests on; validate_config's ranges of lr, batch size, lengths are not
+           ("x__check", "x__number", "x__int", "x_check_precision", "x_trains", "x_check_per_example_layers",
+            "x_check_devices", "x_federated_checks", "x_validate_privacy", "x_check_privacy_pair", "x_method_class",
+            "x_check_delta")),
     # methods/: the parts that clip, noise, count steps or decide what a private run releases
     Module("src/dpft/methods/base.py", (
         "tests/test_privacy_claims.py::test_laplace_is_refused_before_data_for_l2_clipped_methods",

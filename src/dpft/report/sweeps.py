@@ -6,7 +6,9 @@ A sweep file holds:
   grid:       key -> values (Cartesian product)
   arms:       method + the privacy options it runs under + its own overrides (the papers' chosen values);
               `name:` labels a variant of a method (it sets method.name, the report's method column), so
-              one method can run as several arms, e.g. DR-Encoder at several compression ratios
+              one method can run as several arms, e.g. DR-Encoder at several compression ratios; `only:`
+              {grid key: [values]} runs the arm on those values of the grid only (e.g. DP-SGD on the models
+              where it fits)
   when:       "key=value" -> overrides that go with that value of a grid key, method or privacy
               (e.g. a per-task δ = 1/n)
   search:     method -> {key: values}: the grid a paper searched; off by default (the arm's chosen value
@@ -42,6 +44,7 @@ LAUNCHERS = {"basic": None, "joblib": "parallel", "slurm": "slurm", "slurm_multi
 SWEEP_KEYS = ("table", "description", "fixed", "grid", "arms", "when", "search", "selection", "compare",
               "reference_source", "reference")
 REFERENCE_KEYS = ("task", "model", "method", "epsilon", "value")
+ARM_KEYS = ("method", "name", "privacy", "overrides", "only")
 
 
 def config_options(group: str) -> list[str]:
@@ -71,16 +74,23 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
     methods, privacy = config_options("method"), config_options("privacy")
     if not sweep.get("arms"):
         _fail(where, "arms: list at least one {method: ..., privacy: [...], overrides: [...]}")
+    grid = sweep.get("grid") or {}
     for arm in sweep["arms"]:
+        if unknown := sorted(set(arm) - set(ARM_KEYS)):
+            _fail(where, f"arms: {unknown} (method {arm.get('method')}) unknown; an arm has {list(ARM_KEYS)}")
         if arm.get("method") not in methods:
             _fail(where, f"arms: method={arm.get('method')!r} is not one of {methods}")
+        for key, values in (arm.get("only") or {}).items():
+            if key not in grid or not isinstance(values, list) or not values or not set(_strs(values)) <= set(
+                    _strs(grid[key])):
+                _fail(where, f"arms: only.{key}={values} (method {arm['method']}) must be a non-empty subset of "
+                             f"grid.{key}={grid.get(key)}")
         for option in arm.get("privacy", ["none"]):
             if option not in privacy:
                 _fail(where, f"arms: privacy={option!r} (method {arm['method']}) is not one of {privacy}")
     arm_methods = [arm_name(arm) for arm in sweep["arms"]]
     if len(set(arm_methods)) < len(arm_methods):
         _fail(where, f"arms: {arm_methods} repeat a method; give the variants a `name:` each")
-    grid = sweep.get("grid") or {}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             _fail(where, f"grid.{key}: give a non-empty list of values")
@@ -173,11 +183,13 @@ def blocks(sweep: dict[str, Any], search: list[str] | None = None) -> list[Block
             if search is not None and key in search:
                 chosen = overrides.pop(key, None)  # spelled as the arm does, so its finished runs are reused
                 dims[key] = [chosen if chosen is not None and _same(chosen, v) else str(v) for v in values]
-        signature = (tuple(overrides.items()), tuple((k, tuple(v)) for k, v in dims.items()))
+        only = {k: [v for v in grid[k] if v in _strs(values)] for k, values in (arm.get("only") or {}).items()}
+        own = {**grid, **only}
+        signature = (tuple(overrides.items()), tuple((k, tuple(v)) for k, v in {**own, **dims}.items()))
         merged.setdefault(signature, []).append(arm["method"])
     out = []
     for (overrides, dims), methods in merged.items():
-        block = Block({**fixed, **dict(overrides)}, {"method": methods, **grid, **{k: list(v) for k, v in dims}})
+        block = Block({**fixed, **dict(overrides)}, {"method": methods, **{k: list(v) for k, v in dims}})
         out.extend(_split_when(block, sweep.get("when") or {}))
     return out
 
@@ -244,6 +256,12 @@ def restrict(sweep: dict[str, Any], item: str, search: list[str] | None) -> list
     values = values.split(",")
     if key in (sweep.get("grid") or {}):
         sweep["grid"][key] = values
+        for arm in sweep["arms"]:  # an arm restricted to some values keeps those of them still asked for
+            if key in (arm.get("only") or {}):
+                arm["only"] = {**arm["only"], key: [v for v in _strs(arm["only"][key]) if v in values]}
+        sweep["arms"] = [a for a in sweep["arms"] if all((a.get("only") or {}).values())]
+        if not sweep["arms"]:
+            raise ValueError(f"--set {item}: no arm runs on these values")
     elif key == "method":
         if unknown := set(values) - {a["method"] for a in sweep["arms"]} - {arm_name(a) for a in sweep["arms"]}:
             raise ValueError(f"--set method: {sorted(unknown)} not among the arms' methods")
