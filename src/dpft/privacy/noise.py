@@ -54,7 +54,7 @@ class NoiseSource:
                 generator: torch.Generator | None) -> torch.Tensor:
         if not self.secure:
             return torch.randn(shape, generator=generator, dtype=dtype, device=device)
-        total = torch.zeros(shape, dtype=torch.float64)
+        total = torch.zeros(shape, dtype=torch.float64, device="cpu")  # the uniforms are on the CPU, whatever the default device
         for _ in range(4):  # Box-Muller on CSPRNG uniforms
             u1, u2 = self._uniform(shape, torch.float64, "cpu", None), self._uniform(shape, torch.float64, "cpu", None)
             total += torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
