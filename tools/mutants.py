@@ -70,7 +70,8 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_dp_first_order.py::test_empirical_noise_std_matches_sigma_c",
         "tests/test_resume.py::test_secure_noise_has_the_calibrated_std_and_no_reproducible_state",
         "tests/test_noise.py", "tests/test_private_zo.py", *matrix("noise"))),
-    Module("src/dpft/privacy/per_example.py", ("tests/test_dp_first_order.py", "tests/test_example_clipping.py",
+    Module("src/dpft/privacy/per_example.py", ("tests/test_per_example.py", "tests/test_dp_first_order.py",
+                                               "tests/test_example_clipping.py",
                                                *matrix("clipping", "nonfinite"))),
     Module("src/dpft/data/sampling.py", (
         "tests/test_sampling.py", "tests/test_private_zo.py::test_poisson_sampler_inclusion_rate_and_empty_batches")),

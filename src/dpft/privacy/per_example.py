@@ -63,6 +63,7 @@ class PerExampleGradients:
 
     def __init__(self, model: nn.Module, params: Iterable[nn.Parameter]):
         trainable = {id(p) for p in params}
+        self.trainable = trainable  # the parameters counted and summed (not whatever has requires_grad set)
         self.layers: list[tuple[str, nn.Module]] = []
         owner: dict[int, str] = {}
         elsewhere: dict[int, str] = {}  # trainable parameters seen on unsupported modules
@@ -217,6 +218,9 @@ class PerExampleGradients:
         """Ghost norm (two T × T Grams) where it is smaller than the materialised d_out × d_in gradient."""
         return t * t < d_in * d_out
 
+    def _trains(self, p: nn.Parameter | None) -> bool:
+        return p is not None and id(p) in self.trainable
+
     def norms_by_layer(self) -> dict[str, torch.Tensor]:
         """Squared per-example gradient norm of each layer's trainable parameters, {name: [B]}."""
         out = {}
@@ -224,7 +228,7 @@ class PerExampleGradients:
         for name, module, a, g in self._pairs():
             total = g.new_zeros(g.shape[0])
             if isinstance(module, nn.Linear):
-                if module.weight.requires_grad:
+                if self._trains(module.weight):
                     a32 = a.float()
                     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
                     if self._ghost(t, d_in, d_out):
@@ -235,12 +239,12 @@ class PerExampleGradients:
                         total += torch.einsum("bts,bts->b", last_gram[1], g @ g.transpose(1, 2))
                     else:
                         total += torch.einsum("bto,bti->boi", g, a32).pow(2).sum((1, 2))
-                if module.bias is not None and module.bias.requires_grad:
+                if self._trains(module.bias):
                     total += g.sum(1).pow(2).sum(1)
             elif isinstance(module, nn.LayerNorm):
-                if module.weight is not None and module.weight.requires_grad:
+                if self._trains(module.weight):
                     total += (g * self._normalized(module, a)).sum(1).pow(2).sum(1)
-                if module.bias is not None and module.bias.requires_grad:
+                if self._trains(module.bias):
                     total += g.sum(1).pow(2).sum(1)
             else:  # Embedding: rows of the same token add up
                 g = self._embedding_grad(module, a, g)
@@ -273,11 +277,11 @@ class PerExampleGradients:
                 weight = torch.zeros(module.weight.shape, dtype=gc.dtype, device=gc.device)
                 grads["weight"] = weight.index_add_(0, a.flatten(), gc.reshape(-1, gc.shape[-1]))
             for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad and pname in grads:
+                if self._trains(p) and pname in grads:
                     p.summed_grad = grads[pname].to(p.dtype).contiguous()  # noise is added in place, flat
                     summed.add(id(p))
         for _, module in self.layers:  # layers that did not influence the loss: zero gradients
             for p in module.parameters(recurse=False):
-                if p.requires_grad and id(p) not in summed:
+                if self._trains(p) and id(p) not in summed:
                     p.summed_grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
