@@ -211,16 +211,17 @@ def test_when_splits_the_multirun_on_its_key():
 def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed",
           model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0,
           data_seed: int = 42, privacy: dict | None = None, lr: float | None = None, cost: dict | None = None,
-          communication: dict | None = None) -> None:
+          communication: dict | None = None, config: dict | None = None, name: str | None = None) -> None:
     metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
     results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": data_seed,
                "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99, **(privacy or {})},
-               "cost": cost or {}, "config": {"method": {"clip": clip, "lr": lr}}}
+               "cost": cost or {}, "config": {"method": {"clip": clip, "lr": lr}, **(config or {})}}
     if communication is not None:
         results["communication"] = communication
     if status != "completed":
         results["error"] = "ValueError: out of budget"
-    write_results(results, folder / f"{method}-{eps}-{seed}-{data_seed}-{clip}-{lr}-{status}" / "results.json")
+    folder = folder / (name or f"{method}-{eps}-{seed}-{data_seed}-{clip}-{lr}-{status}")
+    write_results(results, folder / "results.json")
 
 
 def test_report_means_standard_errors_references_and_missing(tmp_path):
@@ -236,7 +237,7 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     assert row["reference"] == 91.8 and row["difference"] == pytest.approx(91.333333 - 91.8)
     assert row["epsilon_spent"] == pytest.approx(1.98) and row["reference_source"].endswith("Table 2")
     mezo = next(r for r in rows if r["method"] == "mezo")
-    assert mezo["epsilon"] == "∞" and mezo["reference"] == 92.5 and mezo["stderr"] == 0.0
+    assert mezo["epsilon"] == math.inf and mezo["reference"] == 92.5 and mezo["stderr"] == 0.0
     assert len(out.failed) == 1 and "out of budget" in out.failed[0]["error"]
     assert ("sst5-k512", "roberta-large", "dpzero", 2.0) in out.missing
     assert ("sst2-k512", "roberta-large", "dpzero", 2.0) not in out.missing
@@ -244,13 +245,38 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| 91.3 ± 0.9 | 91.8 | -0.5 |" in table and "Missing cells (58)" in table and "Failed runs (1)" in table
     assert "Paper values: Zhang et al., DPZero (ICML 2024), Table 2." in table
-    assert (tmp_path / "table.tex").read_text().count(r"\pm") == 2
+    assert (tmp_path / "table.tex").read_text().count(r"\pm") == 1  # n = 1 (mezo) shows no ±
     assert len((tmp_path / "table.csv").read_text().splitlines()) == 3
     png = tmp_path / "privacy_utility.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_runs_whose_settings_differ_are_never_pooled_and_the_split_is_named(tmp_path):
+    """Two seed-0 DP-ZO runs at ε = 2, one at δ = 0.01 for 5 steps and one at δ = 1e-5 for 20, plus a second seed
+    of the latter: two cells (n = 1 and n = 2), the differing keys named; a new output folder or W&B setting does
+    not split."""
+    short = {"privacy": {"target_delta": 0.01}, "trainer": {"max_steps": 5}, "paths": {"output_dir": "/a"}}
+    long = {"privacy": {"target_delta": 1e-5}, "trainer": {"max_steps": 20}}
+    _fake(tmp_path, "dpzo", 2.0, 0, 49.0, privacy={"target_delta": 0.01}, config=short, name="short")
+    _fake(tmp_path, "dpzo", 2.0, 0, 50.0, privacy={"target_delta": 1e-5}, config={**long, "paths": {"output_dir": "/b"}},
+          name="long0")
+    _fake(tmp_path, "dpzo", 2.0, 1, 54.0, privacy={"target_delta": 1e-5}, config={**long, "logger": {"offline": False}},
+          name="long1")
+    out = report(tmp_path)
+    cells = sorted((c.variant["privacy.target_delta"], c.variant["trainer.max_steps"], c.values) for c in out.cells)
+    assert cells == [(1e-5, 20, [50.0, 54.0]), (0.01, 5, [49.0])]
+    table = (tmp_path / "table.md").read_text()
+    assert "dpzo / ε=2: 2 cells, the runs differ in privacy.target_delta, trainer.max_steps" in table
+    assert "| dpzo [privacy.target_delta=0.01, trainer.max_steps=5] | 2 | 0.01 | 1.98 | 1 | 49.0 |" in table
+    assert "52.0 ± 2.0" in table  # n = 2 has its standard error, n = 1 none
+    import pandas as pd
+
+    frame = pd.read_csv(tmp_path / "table.csv")
+    assert frame["epsilon"].dtype == float and frame["delta"].dtype == float
+    assert sorted(frame["delta"]) == [1e-5, 0.01]
 
 
 def test_each_cell_carries_its_memory_time_and_communication_costs(tmp_path):
@@ -287,8 +313,11 @@ def test_report_keeps_the_searched_configuration_with_the_best_validation_metric
     (cell,) = out.cells
     assert cell.values == [60.0, 61.0] and cell.selected == {"method.clip": 200.0} and cell.tried == 2
     assert "method.clip=200.0 (of 2)" in out.markdown()
-    # without the sweep nothing says what was searched: the runs are pooled
-    assert sorted(build(load_local(searched)).cells[0].values) == [60.0, 61.0, 80.0, 81.0]
+    # without the sweep nothing says what was searched: the two clips are two cells, never pooled
+    loose = build(load_local(searched))
+    assert sorted((c.variant["method.clip"], tuple(c.values)) for c in loose.cells) == [(50.0, (80.0, 81.0)),
+                                                                                       (200.0, (60.0, 61.0))]
+    assert "sst2-k512 / roberta-large / dpzero / ε=2: 2 cells, the runs differ in method.clip" in loose.markdown()
     # choosing needs a validation metric
     _fake(unvalidated, "dpzero", 2.0, 0, acc=80.0, clip=50.0)
     _fake(unvalidated, "dpzero", 2.0, 0, acc=60.0, clip=200.0)

@@ -90,7 +90,7 @@ def test_tiny_table_cells_means_standard_errors_reference_and_plot(tiny):
     assert rows[("dpzero", 2.0)]["reference"] == ""
     md = (tiny.folder / "table.md").read_text()
     mean, se = statistics.fmean(by_cell[("dpzo", 2.0)]), statistics.stdev(by_cell[("dpzo", 2.0)]) / math.sqrt(2)
-    assert f"| sst2 | opt-tiny | dpzo | 2 | 2 | 2 | {mean:.1f} ± {se:.1f} | 50.0 | {mean - 50:+.1f} |" in md
+    assert f"| sst2 | opt-tiny | dpzo | 2 | 1e-05 | 2 | 2 | {mean:.1f} ± {se:.1f} | 50.0 | {mean - 50:+.1f} |" in md
     assert "Missing" not in md and "Paper values: made up for this test." in md  # the run was restricted to ε 2, 8
     png = tiny.folder / "privacy_utility.png"
     import matplotlib.image
@@ -160,8 +160,9 @@ def test_each_job_has_its_own_wandb_run_and_the_report_one_of_its_own(tiny):
     with (tiny.folder / "table.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(table["data"]) == len(rows) == 4 and table["columns"] == list(rows[0])
-    assert sorted((r[2], r[3], round(r[6], 6)) for r in table["data"]) == sorted(
-        (r["method"], r["epsilon"], round(float(r["mean"]), 6)) for r in rows)
+    at = {name: table["columns"].index(name) for name in ("method", "epsilon", "mean")}
+    assert sorted((r[at["method"]], float(r[at["epsilon"]]), round(r[at["mean"]], 6)) for r in table["data"]) == \
+        sorted((r["method"], float(r["epsilon"]), round(float(r["mean"]), 6)) for r in rows)
     assert next((reports[0] / "files" / "media" / "images").rglob("*.png")).read_bytes()[:4] == b"\x89PNG"
 
 

@@ -53,6 +53,15 @@ class Cell:
     selection_delta: float | None = None
     selection_runs: int = 0
     costs: list[dict[str, Any]] = field(default_factory=list)  # each run's cost (and communication) figures
+    # the configuration values that set this cell's runs apart from other runs of the same (task, model, method, ε)
+    variant: dict[str, Any] = field(default_factory=dict)
+    deltas: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The method, with the values that tell this cell from another of the same method and ε."""
+        return self.method + (" [" + ", ".join(f"{k}={v}" for k, v in self.variant.items()) + "]" if self.variant
+                              else "")
 
     def cost(self, key: str, total: bool = False) -> float | None:
         """The mean (or the sum) over the cell's runs of one `run_cost` figure; None when no run has it."""
@@ -192,6 +201,7 @@ class Report:
     sources: list[str] = field(default_factory=list)
     table: str | None = None
     selection: list[str] = field(default_factory=list)  # how the hyperparameters were chosen, and its ε
+    split: list[str] = field(default_factory=list)  # cells whose runs did not agree, and in what
 
     def select(self, methods=None, tasks=None, models=None) -> Report:
         """The report restricted to some methods, tasks or models (None keeps all): for notebooks."""
@@ -208,14 +218,16 @@ class Report:
         for c in self.cells:
             cmp = compared.get(c.key)
             out.append({
-                "task": c.task, "model": c.model, "method": c.method, "epsilon": _eps(c.epsilon),
+                "task": c.task, "model": c.model, "method": c.method,
+                "variant": ", ".join(f"{k}={v}" for k, v in c.variant.items()) or None,
+                "epsilon": c.epsilon, "delta": statistics.fmean(c.deltas) if c.deltas else None,
                 "epsilon_spent": statistics.fmean(c.spent) if c.spent else None, "n": len(c.values),
                 "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
                 "difference": None if c.reference is None else c.mean - c.reference, "reference_source": c.source,
                 "selected": " ".join(f"{k}={v}" for k, v in c.selected.items()) or None, "tried": c.tried,
                 "selection_epsilon": c.selection_epsilon, "selection_delta": c.selection_delta,
                 "selection_runs": c.selection_runs or None,
-                "baseline": cmp and f"{cmp.baseline.method} (ε={_eps(cmp.baseline.epsilon)})",
+                "baseline": cmp and f"{cmp.baseline.label} (ε={_eps(cmp.baseline.epsilon)})",
                 "vs_baseline": cmp and cmp.difference, "vs_baseline_stderr": cmp and cmp.stderr,
                 "vs_baseline_reference": cmp and cmp.reference,
                 "peak_memory_gib": c.cost("peak_memory_gib"), "seconds_per_step": c.cost("seconds_per_step"),
@@ -226,26 +238,26 @@ class Report:
         return out
 
     def frame(self):
-        """The rows as a pandas DataFrame (epsilon as a number, for filtering and sorting)."""
+        """The rows as a pandas DataFrame (ε and δ as numbers, ε = inf for non-private runs)."""
         import pandas as pd
 
-        df = pd.DataFrame(self.rows())
-        if not df.empty:
-            df["epsilon"] = df["epsilon"].replace("∞", "inf").astype(float)
-        return df
+        return pd.DataFrame(self.rows())
 
     def markdown(self) -> str:
         rows = self.rows()
         searched = any(r["selected"] for r in rows)
         federated = any(r["upload_bytes_per_client_round"] is not None for r in rows)
-        head = ["task", "model", "method", "ε target", "ε spent", "n", "test (mean ± s.e.)", "paper", "Δ"]
+        head = ["task", "model", "method", "ε target", "δ", "ε spent", "n", "test (mean ± s.e.)", "paper", "Δ"]
         head += ["selected (best val)", "ε of the selection (all runs composed)"] if searched else []
         head += ["peak GiB", "s / step", "device-hours", "forward passes"]
         head += ["upload bytes / client-round"] if federated else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r["task"], r["model"], r["method"], r["epsilon"], _fmt(r["epsilon_spent"], ".3g"), str(r["n"]),
-                     f"{r['mean']:.1f} ± {r['stderr']:.1f}", _fmt(r["reference"]), _fmt(r["difference"], "+.1f")]
+            method = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
+            score = f"{r['mean']:.1f} ± {r['stderr']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
+            cells = [r["task"], r["model"], method, _eps(r["epsilon"]), _fmt(r["delta"], ".3g"),
+                     _fmt(r["epsilon_spent"], ".3g"), str(r["n"]), score, _fmt(r["reference"]),
+                     _fmt(r["difference"], "+.1f")]
             if searched:
                 cells += [f"{r['selected']} (of {r['tried']})" if r["selected"] else "–", _selection_text(r)]
             cells += [_fmt(r["peak_memory_gib"], ".2f"), _fmt(r["seconds_per_step"], ".3g"),
@@ -258,9 +270,12 @@ class Report:
                       "| task | model | method | baseline | ε | difference | paper | Δ |", "|---|---|---|---|---|---|---|---|"]
             for c in self.comparisons:
                 paper_delta = None if c.reference is None else c.difference - c.reference
-                lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.method} | {c.baseline.method} (ε="
+                lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.label} | {c.baseline.label} (ε="
                              f"{_eps(c.baseline.epsilon)}) | {_eps(c.cell.epsilon)} | {c.difference:+.1f} ± "
                              f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')} | {_fmt(paper_delta, '+.1f')} |")
+        if self.split:
+            lines += ["", "Runs of one (task, model, method, ε) with other settings are kept apart (a cell pools only "
+                      "runs whose configurations agree but for the seeds):", *[f"- {line}" for line in self.split]]
         if self.selection:
             lines += ["", "Hyperparameter selection:", *[f"- {line}" for line in self.selection]]
         if self.sources:
@@ -288,9 +303,10 @@ class Report:
         for c, r in zip(self.cells, rows):
             diff = None if c.reference is None else c.mean - c.reference
             selection = f" & {_selection_text(r, latex=True)}" if searched else ""
-            lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.method)} & {eps(c.epsilon)} & "
+            score = f"{c.mean:.1f} $\\pm$ {c.stderr:.1f}" if len(c.values) > 1 else f"{c.mean:.1f}"
+            lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.label)} & {eps(c.epsilon)} & "
                          f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
-                         f"{c.mean:.1f} $\\pm$ {c.stderr:.1f} & {_fmt(c.reference).replace('–', '--')} & "
+                         f"{score} & {_fmt(c.reference).replace('–', '--')} & "
                          f"{_fmt(diff, '+.1f').replace('–', '--')}{selection} & "
                          + " & ".join(_fmt(r[k], f).replace("–", "--") for k, f in (
                              ("peak_memory_gib", ".2f"), ("seconds_per_step", ".3g"), ("device_hours", ".3g")))
@@ -324,7 +340,7 @@ class Report:
             series: dict[str, list[Cell]] = defaultdict(list)
             for c in self.cells:
                 if (c.task, c.model) == (task, model):
-                    series[c.method].append(c)
+                    series[c.label].append(c)
             for index, (method, points) in enumerate(sorted(series.items())):
                 color = f"C{index % 10}"
                 finite = sorted((p for p in points if math.isfinite(p.epsilon)), key=lambda p: p.epsilon)
@@ -355,15 +371,15 @@ class Report:
         axes = fig.subplots(rows, columns, squeeze=False).flatten()
         for ax in axes[len(panels):]:
             ax.set_visible(False)
-        methods = sorted({c.method for c in self.cells})
+        methods = sorted({c.label for c in self.cells})
         for ax, (task, model) in zip(axes, panels):
             for c in self.cells:
                 memory = c.cost("peak_memory_gib")
                 if (c.task, c.model) != (task, model) or memory is None:
                     continue
-                index = methods.index(c.method)
+                index = methods.index(c.label)
                 ax.errorbar([memory], [c.mean], yerr=[c.stderr], marker=MARKERS[index % len(MARKERS)], capsize=3,
-                            color=f"C{index % 10}", label=c.method)
+                            color=f"C{index % 10}", label=c.label)
                 ax.annotate(f"ε={_eps(c.epsilon)}", (memory, c.mean), fontsize=7, xytext=(4, 4),
                             textcoords="offset points")
             handles, labels = ax.get_legend_handles_labels()
@@ -400,6 +416,38 @@ def _error_line(results: dict[str, Any]) -> str:
     return f"{results.get('status')}{cell}: {error or 'no error recorded'}"
 
 
+# where a run is written and how it is logged, not what it computes; and the seeds, which a cell averages over
+NOT_COMPARED = ("seed", "task.data_seed", "method.seed", "paths.", "hydra.", "logger", "table", "tags", "skip_existing",
+                "resume", "ckpt_path", "checkpoint.", "optimized_metric", "privacy.diagnostics", "trainer.logger",
+                "trainer.enable_progress_bar", "trainer.default_root_dir", "model.pretrained", "model.gpus")
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(config, sort_keys=True) if isinstance(config, list) else config}
+
+
+def _compared(run: dict[str, Any], searched: list[str]) -> dict[str, Any]:
+    """The run's composed configuration, flattened, less what a cell may pool over (seeds, output places,
+    the searched keys: those are the cell's configurations)."""
+    return {k: v for k, v in _flat(run.get("config") or {}).items()
+            if not k.startswith(NOT_COMPARED) and k not in searched}
+
+
+def _variants(runs: list[dict[str, Any]], searched: list[str]) -> list[tuple[dict[str, Any], list[dict]]]:
+    """The runs split by their compared configuration, each part with the values that set it apart."""
+    parts: dict[str, tuple[dict, list]] = {}
+    for r in runs:
+        flat = _compared(r, searched)
+        parts.setdefault(json.dumps(flat, sort_keys=True, default=str), (flat, []))[1].append(r)
+    if len(parts) == 1:
+        return [({}, runs)]
+    keys = sorted({k for flat, _ in parts.values() for k in flat})
+    differ = [k for k in keys if len({json.dumps(flat.get(k), default=str) for flat, _ in parts.values()}) > 1]
+    return [({k: flat.get(k) for k in differ}, rs) for flat, rs in parts.values()]
+
+
 def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> Report:
     """Cells from completed runs (failed ones listed); with a sweep: references, comparisons, missing cells,
     and per cell the searched configuration with the best mean validation metric."""
@@ -417,28 +465,43 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
         else:
             key = (r["task"], r["model"], r["method"], _epsilon(r))
             groups[key][tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
-    cells, selection = [], []
-    for key, configurations in sorted(groups.items()):
-        if len(configurations) > 1 and all(_validation(runs) == -math.inf for runs in configurations.values()):
-            raise ValueError(f"cell {key}: {len(configurations)} searched configurations of {searched} but no "
-                             "validation metric to choose by: run searches with validate=true")
-        choice, runs = max(sorted(configurations.items(), key=str), key=lambda item: _validation(item[1]))
-        varied = [i for i in range(len(searched)) if len({c[i] for c in configurations}) > 1]
-        cell = Cell(*key, values=[main_metric(r) for r in runs],
-                    spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
-                           if r["privacy"].get("epsilon_spent") is not None],
-                    selected={searched[i]: choice[i] for i in varied}, tried=len(configurations),
-                    costs=[run_cost(r) for r in runs])
-        cells.append(cell)
-        if len(configurations) > 1:
-            selection += _charge_selection(cell, [r for rs in configurations.values() for r in rs], left_out[key])
+    cells, selection, split = [], [], []
+    for key, runs in sorted(((k, [r for rs in c.values() for r in rs]) for k, c in groups.items()),
+                            key=lambda item: item[0]):
+        variants = _variants(runs, searched)
+        if len(variants) > 1:
+            split.append(f"{key[0]} / {key[1]} / {key[2]} / ε={_eps(key[3])}: {len(variants)} cells, the runs differ in "
+                         + ", ".join(variants[0][0]))
+        for variant, part in variants:
+            configurations: dict[tuple, list[dict]] = defaultdict(list)
+            for r in part:
+                configurations[tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
+            cells.append(_cell(key, configurations, searched, variant))
+            if len(configurations) > 1:
+                selection += _charge_selection(cells[-1], part, left_out[key])
     if any(c.selection_runs for c in cells):
         searched_runs = [r for c in groups.values() if len(c) > 1 for rs in c.values() for r in rs]
         selection = [SELECTION_BOUND, *selection, *_selection_data(searched_runs)]
-    report = Report(cells, failed, table=sweep.get("table") if sweep else None, selection=selection)
+    report = Report(cells, failed, table=sweep.get("table") if sweep else None, selection=selection, split=split)
     if sweep:
         _attach_sweep(report, sweep)
     return report
+
+
+def _cell(key: CellKey, configurations: dict[tuple, list[dict]], searched: list[str],
+          variant: dict[str, Any]) -> Cell:
+    """One cell: its searched configuration with the best mean validation metric (all its runs when not searched)."""
+    if len(configurations) > 1 and all(_validation(runs) == -math.inf for runs in configurations.values()):
+        raise ValueError(f"cell {key}: {len(configurations)} searched configurations of {searched} but no "
+                         "validation metric to choose by: run searches with validate=true")
+    choice, runs = max(sorted(configurations.items(), key=str), key=lambda item: _validation(item[1]))
+    varied = [i for i in range(len(searched)) if len({c[i] for c in configurations}) > 1]
+    return Cell(*key, values=[main_metric(r) for r in runs],
+                spent=[float(r["privacy"]["epsilon_spent"]) for r in runs
+                       if r["privacy"].get("epsilon_spent") is not None],
+                selected={searched[i]: choice[i] for i in varied}, tried=len(configurations),
+                costs=[run_cost(r) for r in runs], variant=variant,
+                deltas=[float(r["privacy"]["target_delta"]) for r in runs if r["privacy"].get("target_delta")])
 
 
 SELECTION_BOUND = (
@@ -502,26 +565,31 @@ def _selection_data(runs: list[dict[str, Any]]) -> list[str]:
 def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
     if sweep.get("selection"):
         report.selection.insert(0, f"The arms' values (sweep file): {sweep['selection'].strip()}")
-    by_key = {c.key: c for c in report.cells}
+    by_key: dict[CellKey, list[Cell]] = defaultdict(list)
+    for c in report.cells:
+        by_key[c.key].append(c)
     for spec in sweep.get("compare") or []:
         for cell in report.cells:
             if cell.method != spec["method"]:
                 continue
             eps = float(spec.get("baseline_epsilon", cell.epsilon))
-            if (base := by_key.get((cell.task, cell.model, spec["baseline"], eps))) is not None:
-                report.comparisons.append(Comparison(cell, base))
-    compared = {(c.cell.key, c.baseline.method): c for c in report.comparisons}
+            bases = by_key.get((cell.task, cell.model, spec["baseline"], eps), [])
+            same = [b for b in bases if b.variant == cell.variant] or (bases if len(bases) == 1 else [])
+            if len(same) == 1:  # a baseline split into several variants has no single difference
+                report.comparisons.append(Comparison(cell, same[0]))
+    compared = defaultdict(list)
+    for c in report.comparisons:
+        compared[(c.cell.key, c.baseline.method)].append(c)
     used = []
     for ref in sweep.get("reference") or []:
         key = (ref["task"], ref["model"], ref["method"], float(ref["epsilon"]))
         source = ref.get("source", sweep.get("reference_source"))
-        target = compared.get((key, ref["baseline"])) if "baseline" in ref else by_key.get(key)
-        if target is None:
-            continue
-        target.reference = float(ref["value"])
-        if isinstance(target, Cell):
-            target.source = source
-        used += [source] if source not in used else []
+        targets = compared.get((key, ref["baseline"]), []) if "baseline" in ref else by_key.get(key, [])
+        for target in targets:
+            target.reference = float(ref["value"])
+            if isinstance(target, Cell):
+                target.source = source
+        used += [source] if targets and source not in used else []
     report.sources = used
     present = set(by_key)
     expected = dict.fromkeys((j["task"], j["model"], job_method(j), privacy_epsilon(j["privacy"]))
