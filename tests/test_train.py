@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpft.data.tasks import MissingDataError
+from dpft.results import read_results
 from dpft.train import run
 from tests.conftest import requires_data
 
@@ -23,8 +24,31 @@ PRIVACY_KEYS = {"target_epsilon", "target_delta", "epsilon_spent", "noise_multip
 COST_KEYS = {"wall_seconds", "seconds_per_step", "forward_passes", "peak_memory_bytes"}
 
 
+def _reject(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
 def _read(cfg) -> dict:
-    return json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+    """results.json parsed as strict JSON (no bare Infinity/NaN), then as dpft reads it back."""
+    path = Path(cfg.paths.output_dir) / "results.json"
+    json.loads(path.read_text(), parse_constant=_reject)
+    return read_results(path)
+
+
+def test_results_json_is_strict_json_readable_by_the_group(make_cfg):
+    """Infinity (a non-private run's target ε) is written as the string "Infinity"; the file is not 0600."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        cfg = make_cfg("model=opt-tiny", "task=sst2", "method=zero_shot", "trainer.limit_test_batches=1")
+        run(cfg)
+    finally:
+        os.umask(umask)
+    path = Path(cfg.paths.output_dir) / "results.json"
+    raw = json.loads(path.read_text(), parse_constant=_reject)
+    assert raw["privacy"]["target_epsilon"] == "Infinity" and math.isinf(read_results(path)["privacy"]["target_epsilon"])
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def _check_complete(results: dict, method: str, steps: int, metric: str = "acc") -> None:

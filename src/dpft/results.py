@@ -160,13 +160,47 @@ def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None 
     return out
 
 
+# strict JSON has no infinities or NaN: they are written as these strings (float() reads them back) and
+# `read_results` turns them into floats again
+NONFINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _finite_or_not(value: Any) -> Any:
+    if isinstance(value, str):
+        return NONFINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _finite_or_not(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_not(v) for v in value]
+    return value
+
+
 def write_results(results: dict[str, Any], path: Path) -> None:
-    """Atomic write: a reader never sees a half-written results.json."""
+    """Atomic write of strict JSON (∞ and NaN as the strings "Infinity", "NaN"): a reader never sees a half-written
+    results.json, and any JSON parser reads it. The file's mode follows the umask, as a plain open() would."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(results, handle, indent=2, default=str)
+        json.dump(_strict(results), handle, indent=2, default=str, allow_nan=False)
         handle.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(handle.name, 0o666 & ~umask)  # a temporary file is created 0600
     os.replace(handle.name, path)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json as written: the strings "Infinity", "-Infinity", "NaN" as floats again."""
+    return _finite_or_not(json.loads(Path(path).read_text()))
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,7 +40,14 @@ from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.precision import cast_trainable
 from dpft.models.scoring import build_scorer, check_compatible
 from dpft.privacy.accounting import PrivacySpec, make_spec
-from dpft.results import build_failure, build_results, format_table, peak_memory_by_device, write_results
+from dpft.results import (
+    build_failure,
+    build_results,
+    format_table,
+    peak_memory_by_device,
+    read_results,
+    write_results,
+)
 from dpft.seeding import secret_seed
 from dpft.selection import BestValidation, main_validation_metric
 from dpft.validation import check_delta, validate_config
@@ -129,9 +135,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     done = output_dir / "results.json"
-    if cfg.get("skip_existing") and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
+    if cfg.get("skip_existing") and done.is_file() and read_results(done).get("status") == "completed":
         log.info("skipping %s: it has a completed results.json", output_dir)
-        return json.loads(done.read_text())
+        return read_results(done)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _run(cfg, output_dir)

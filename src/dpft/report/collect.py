@@ -29,7 +29,7 @@ from dpft.data.tasks import build_task_from_config, data_dir
 from dpft.privacy.accounting import PrivacyConfigError, composed_epsilon
 from dpft.report.sweeps import job_method, load_sweep, privacy_epsilon, search_keys
 from dpft.report.sweeps import jobs as sweep_jobs
-from dpft.results import results_from_summary
+from dpft.results import read_results, results_from_summary
 
 MAIN_METRICS = ("test/f1", "test/acc")  # F1 for generation tasks, else accuracy
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -140,7 +140,7 @@ def load_local(folder: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(Path(folder).rglob("results.json")):
         try:
-            results = json.loads(path.read_text())
+            results = read_results(path)
         except (OSError, json.JSONDecodeError) as err:
             results = {"status": "unreadable", "error": str(err)}
         out.append({**results, "source": str(path)})
