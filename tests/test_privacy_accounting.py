@@ -397,3 +397,19 @@ def test_a_request_without_a_meaning_is_refused(args, match):
         with pytest.raises(PrivacyConfigError, match=key):
             make_spec(**{**dict(mechanism="gaussian", accountant="pld", target_epsilon=2.0, target_delta=1e-5,
                                 dataset_size=100, expected_batch_size=10, steps=5, clip=1.0), **kwargs})
+
+
+def test_rdp_orders_that_do_not_converge_are_not_logged(capfd, caplog):
+    """dp-accounting warns per unconverged order (absl); the filter drops those lines only, the ε is unchanged."""
+    import logging
+
+    from dpft.privacy.accounting import gaussian_epsilon
+
+    with caplog.at_level(logging.WARNING):
+        eps = gaussian_epsilon(0.897705, 0.064, 3, 1e-5, "rdp")
+        logging.getLogger("absl").warning("another absl warning")
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dpa.PoissonSampledDpEvent(0.064, dpa.GaussianDpEvent(0.897705)), 3)
+    assert eps == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    text = caplog.text + "".join(capfd.readouterr())
+    assert "failed to converge" not in text and "another absl warning" in text

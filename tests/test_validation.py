@@ -141,3 +141,29 @@ def test_methods_that_combine_tensors_on_one_device_are_refused_on_a_multi_gpu_d
     with pytest.raises(ConfigError, match=f"model.device_map=auto spreads the model over 2 GPUs, which method={method}"):
         validate_config(cfg)
     validate_config(compose_config(["method=dpzo", *big]))  # the ZO step works tensor by tensor, where each lies
+
+
+def test_a_refused_config_ends_in_one_line_without_traceback_or_results(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "dpft.train", "method=mezo", "trainer.precision=16-mixed",
+                          "logger=none", f"hydra.run.dir={folder}"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("dpft-train: trainer.precision=16-mixed cannot run mezo")
+    assert not (folder / "results.json").exists()  # a report would list it as a failed run
+
+
+def test_dpft_sweep_names_the_tables_for_an_unknown_one_and_prints_runnable_commands(capsys):
+    import shlex
+
+    from dpft.report.sweeps import main as sweep_main
+
+    with pytest.raises(SystemExit, match="dpft-sweep: unknown table 'cpuu': .* cpu, dpzero_opt"):
+        sweep_main(["cpuu", "--dry-run"])
+    sweep_main(["cpu", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines and all(shlex.split(line)[:2] == ["dpft-train", "--multirun"] for line in lines)

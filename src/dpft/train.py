@@ -39,7 +39,7 @@ from dpft.models.loading import count_parameters, init_classifier_head, load_mod
 from dpft.models.peft import apply_peft, select_trainable
 from dpft.models.precision import cast_trainable
 from dpft.models.scoring import build_scorer, check_compatible
-from dpft.privacy.accounting import PrivacySpec, make_spec
+from dpft.privacy.accounting import PrivacyConfigError, PrivacySpec, make_spec
 from dpft.results import (
     build_failure,
     build_results,
@@ -50,7 +50,7 @@ from dpft.results import (
 )
 from dpft.seeding import secret_seed
 from dpft.selection import BestValidation, main_validation_metric
-from dpft.validation import check_delta, validate_config
+from dpft.validation import ConfigError, check_delta, validate_config
 
 log = logging.getLogger("dpft")
 
@@ -141,6 +141,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _run(cfg, output_dir)
+    except (ConfigError, PrivacyConfigError):
+        raise  # refused before any work: no results.json that a report would list as a failed run
     except BaseException as err:
         if rank_zero_only.rank == 0:
             write_results(build_failure(cfg, err), done)
@@ -227,6 +229,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if not cfg.checkpoint.get("keep", False):
             shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
         print(format_table([results]))
+        print(f"run folder: {output_dir}\nresults: {output_dir / 'results.json'}")
     return results
 
 
@@ -237,6 +240,13 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
         failed = False
+    except (ConfigError, PrivacyConfigError) as err:  # a user's mistake: one line, no traceback
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the other jobs still run; Hydra reports the failures at the end
+        sys.exit(f"dpft-train: {err}")
     finally:
         _finish_wandb(exit_code=int(failed))  # each multirun job closes its own W&B run, even when it fails
     return results["summary"].get(cfg.get("optimized_metric", ""), None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -319,18 +320,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--search", nargs="*", default=None, metavar="KEY",
                         help="run the papers' search grids (all, or the keys named) instead of the chosen values")
     args = parser.parse_intermixed_args(argv)
-    sweep = load_sweep(args.table)
-    search = args.search
-    for item in args.set:
-        search = restrict(sweep, item, search)
+    try:
+        sweep = load_sweep(args.table)
+        search = args.search
+        for item in args.set:
+            search = restrict(sweep, item, search)
+    except ValueError as err:  # a user's mistake: the message, not a traceback
+        sys.exit(f"dpft-sweep: {err}")
     if search == []:
         search = search_keys(sweep)
     log_dir = os.environ.get("DPFT_LOG_DIR", "logs")
     cmds = commands(sweep, args.launcher, log_dir, search, args.overrides)
     print(f"table {sweep['table']}: {len(jobs(sweep, search))} jobs in {len(cmds)} multiruns")
-    if args.dry_run:
+    if args.dry_run:  # commands a shell can run as printed
         for cmd in cmds:
-            print(" ".join(cmd[1:]))
+            print(shlex.join(["dpft-train", *cmd[3:]]))
         return
     failures = run_commands(cmds, parallel=args.launcher.startswith("slurm"))
     from dpft.report.collect import report
