@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -111,6 +112,13 @@ def build_logger(cfg: DictConfig, run_id: str | None = None):
     return hydra.utils.instantiate(cfg.logger)
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's bar names the epoch ("Epoch 0/-2" under max_steps); a dpft run counts steps."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Steps (of {self.trainer.max_steps})"
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks: list[L.Callback],
                   validate: bool, model: torch.nn.Module | None = None) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -123,6 +131,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks: list[L.C
         kwargs["devices"] = 1
     # checkpoints are written by ResumableRun (not Lightning's ModelCheckpoint), atomically
     kwargs["enable_checkpointing"] = False
+    if kwargs.get("enable_progress_bar", True):
+        callbacks = [*callbacks, StepProgressBar()]
     return L.Trainer(**kwargs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                      default_root_dir=str(output_dir))
 
