@@ -181,7 +181,7 @@ def test_cli_run_dir_and_multirun_with_wandb_offline(tmp_path):
 def test_the_progress_bar_counts_steps_not_epochs(make_cfg, tmp_path):
     from dpft.train import StepProgressBar, build_trainer
 
-    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=mezo", "trainer.max_steps=7")
+    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=mezo", "trainer.max_steps=7", "trainer.enable_progress_bar=true")
     trainer = build_trainer(cfg, tmp_path, False, [], validate=False)
     bar = trainer.progress_bar_callback
     assert isinstance(bar, StepProgressBar) and bar._get_train_description(0) == "Steps (of 7)"
