@@ -184,4 +184,6 @@ def test_the_progress_bar_counts_steps_not_epochs(make_cfg, tmp_path):
     cfg = make_cfg("model=opt-tiny", "task=sst2", "method=mezo", "trainer.max_steps=7", "trainer.enable_progress_bar=true")
     trainer = build_trainer(cfg, tmp_path, False, [], validate=False)
     bar = trainer.progress_bar_callback
-    assert isinstance(bar, StepProgressBar) and bar._get_train_description(0) == "Steps (of 7)"
+    assert isinstance(bar, StepProgressBar)
+    bar.setup(trainer, None, "fit")  # what fit() does: attaches the trainer
+    assert bar._get_train_description(0) == "Steps (of 7)"
