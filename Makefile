@@ -70,7 +70,7 @@ audit: install ## privacy audit of DP-ZO, DPZero, DP-SGD, ANADP (opt-tiny) and o
 	$(BIN)/dpft-audit method=dpzo,dpzero,dpsgd,anadp --out audits
 	$(BIN)/dpft-audit method=dpzo,dpsgd broken=no_noise,no_clip audit.trials=400 --out audits
 
-table-%: install ## run sweeps/<name>.yaml (LAUNCHER=joblib N_JOBS=4 | slurm; OVERRIDES=...), skip finished cells, report
+table-%: install ## run sweeps/<name>.yaml (LAUNCHER=joblib N_JOBS=2 | slurm; OVERRIDES=...), skip finished cells, report
 	$(BIN)/dpft-sweep $* $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(N_JOBS),hydra.launcher.n_jobs=$(N_JOBS)) $(OVERRIDES)
 
 report-%: install ## rebuild the report of logs/tables/<name> from its results.json files (runs nothing)

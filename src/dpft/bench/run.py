@@ -5,7 +5,7 @@
     dpft-bench --only zo --lengths 64 --batches 8   # a part of the grid: the ZO timings (and scaling) of 3 shapes
 
 Ratios (`name` in bench.json):
-- zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (limit 1.0)
+- zo_step_over_two_forwards       a ZO step (MeZO / DP-ZO / DPZero) over two plain forward passes (target 1.15)
 - zo_peak_memory_over_inference   peak memory of a ZO step over that of one forward (each in a fresh process)
 - zo_step_torch_z_over_two_forwards   the same for MeZO with z_generator=torch (torch's Mersenne Twister, not
                                   the Philox kernel): what the kernel gains, side by side
