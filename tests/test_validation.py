@@ -167,3 +167,9 @@ def test_dpft_sweep_names_the_tables_for_an_unknown_one_and_prints_runnable_comm
     sweep_main(["cpu", "--dry-run"])
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines and all(shlex.split(line)[:2] == ["dpft-train", "--multirun"] for line in lines)
+
+
+def test_a_data_mirror_that_is_not_a_folder_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("DPFT_DATA_DIR", str(tmp_path / "no-such-mirror"))
+    with pytest.raises(ConfigError, match=r"DPFT_DATA_DIR=.*no-such-mirror is not a folder"):
+        validate_config(compose_config(["method=mezo"]))

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
+from dpft.data.tasks import DATA_ENV, data_dir
 from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
@@ -113,6 +114,10 @@ def trains(cfg: DictConfig) -> bool:
 def validate_config(cfg: DictConfig) -> bool:
     """Checks the whole run's configuration; returns whether the run is private."""
     m, t = cfg.method, cfg.task
+    mirror = data_dir()
+    if mirror is not None and not mirror.is_dir():  # else every file falls back to the Hub, after minutes of retries
+        raise ConfigError(f"{DATA_ENV}={mirror} is not a folder: set it to the local data mirror (README: Data), or "
+                          f"unset it to read the Hugging Face Hub")
     checks: list[Check] = [
         ("seed", cfg.seed, lambda v: _int(v) and v >= 0, "an integer >= 0"),
         ("method.lr", m.get("lr", 0.0), lambda v: _number(v) and 0 <= v < math.inf, "a finite number >= 0"),
