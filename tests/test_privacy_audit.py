@@ -201,3 +201,14 @@ def test_bad_inputs_are_refused():
         audit_scores([0.0, 1.0], [True], DELTA)
     with pytest.raises(ValueError, match="finite"):
         audit_scores([0.0, math.nan], [False, True], DELTA)
+
+
+def test_bounds_at_the_edges_of_the_counts_warn_about_nothing():
+    """No evidence (no true positive: log 0) and all-or-nothing counts (beta.ppf's NaN at k = 0, k = n) are expected
+    cases: no RuntimeWarning reaches the user, and the bounds are the masked values."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(epsilon_bound(0, 10, 0, 10, 1e-5, 0.95)) == 0.0
+        assert float(clopper_pearson_lower(0, 10, 0.05)) == 0.0 and float(clopper_pearson_upper(10, 10, 0.05)) == 1.0

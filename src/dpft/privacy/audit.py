@@ -28,16 +28,14 @@ from scipy.stats import beta
 def clopper_pearson_lower(successes: np.ndarray | int, trials: np.ndarray | int, alpha: float) -> np.ndarray:
     """One-sided lower bound on a binomial rate: P(rate < bound) ≤ alpha."""
     k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bound = beta.ppf(alpha, k, n - k + 1)
+    bound = beta.ppf(alpha, k, n - k + 1)  # NaN at k = 0 (a shape of 0), replaced below
     return np.where(k <= 0, 0.0, np.nan_to_num(bound, nan=0.0))
 
 
 def clopper_pearson_upper(successes: np.ndarray | int, trials: np.ndarray | int, alpha: float) -> np.ndarray:
     """One-sided upper bound on a binomial rate: P(rate > bound) ≤ alpha."""
     k, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bound = beta.ppf(1 - alpha, k + 1, n - k)
+    bound = beta.ppf(1 - alpha, k + 1, n - k)  # NaN at k = n, replaced below
     return np.where(k >= n, 1.0, np.nan_to_num(bound, nan=1.0))
 
 
@@ -47,7 +45,7 @@ def epsilon_bound(true_positives, positives, false_positives, negatives, delta: 
     alpha = 1.0 - confidence
     tpr = clopper_pearson_lower(true_positives, positives, alpha / 2)
     fpr = clopper_pearson_upper(false_positives, negatives, alpha / 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore"):  # log(0) = -inf where a rate bound leaves no evidence; the max drops it
         in_direction = np.log(np.maximum(tpr - delta, 0.0) / fpr)
         out_direction = np.log(np.maximum(1.0 - fpr - delta, 0.0) / (1.0 - tpr))
     bound = np.maximum(np.nan_to_num(in_direction, nan=0.0, neginf=0.0),
