@@ -233,6 +233,33 @@ def test_a_layer_that_does_not_influence_the_loss_has_zero_gradient_and_the_next
         assert float(p.summed_grad.abs().sum()) == 0
 
 
+def test_sums_are_contiguous_whatever_the_parameters_strides():
+    """summed_grad is contiguous (the noise is added to it in place, flat) even for a transposed parameter, both
+    for a layer in the loss and for one that does not influence it (its zero sum)."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    for layer in (model.unused, model.used, model.never):
+        layer.weight = nn.Parameter(torch.randn(D, 2).t())
+        assert not layer.weight.is_contiguous()
+    params = list(model.parameters())
+    x = torch.randn(3, T, D)
+    grads = _alone(model, params, _forward, x, torch.arange(3), 3)
+    _check(_captured(model, params, _forward, x, 3), model, params, grads, 3, torch.tensor([1.0, 2.0, 3.0]))
+    assert all(p.summed_grad.is_contiguous() for p in params)
+
+
+def test_double_precision_factors_give_the_same_sums():
+    """Clip factors in float64 (e.g. computed from the norms in double) are cast to the computation's float32:
+    the sums, Linear, LayerNorm and Embedding alike, equal autograd's and keep the parameter's dtype."""
+    examples, owner = 3, torch.tensor([1, 0, 1, 2, 0])
+    model = _model()
+    params = list(model.parameters())
+    x = _ids(len(owner))
+    grads = _alone(model, params, _forward, x, owner, examples)
+    per_example = _captured(model, params, _forward, x, examples, owner)
+    _check(per_example, model, params, grads, examples, torch.tensor([0.3, 1.7, -0.5], dtype=torch.float64))
+
+
 def test_half_precision_inputs_are_computed_in_float32():
     """A bfloat16 model: norms come out in float32 and agree with autograd's bfloat16 gradients; sums keep the
     parameter's dtype."""
@@ -404,3 +431,20 @@ def test_only_the_parameters_given_are_counted_and_summed_whatever_requires_grad
     per_example.accumulate(torch.ones(4))
     assert hasattr(layer.weight, "summed_grad") and not hasattr(layer.bias, "summed_grad")
     per_example.remove()
+
+
+def test_the_norm_rule_is_chosen_by_memory_for_each_linear_layer(monkeypatch):
+    """Ghost norms hold B·T² per layer, materialised ones B·d_out·d_in: the smaller is used, asked with the layer's
+    own token count and widths (same values either way; this pins the memory)."""
+    assert PerExampleGradients._ghost(3, 4, 3) and not PerExampleGradients._ghost(4, 4, 4)
+    asked = []
+    monkeypatch.setattr(PerExampleGradients, "_ghost", staticmethod(lambda t, d_in, d_out: asked.append(
+        (t, d_in, d_out)) or False))
+    layer = nn.Linear(5, 3)
+    per_example = PerExampleGradients(layer, list(layer.parameters()))
+    with per_example.capture(2):
+        losses = layer(torch.randn(2, 7, 5)).pow(2).sum((1, 2))
+    per_example.backward(losses.sum())
+    per_example.norms_by_layer()
+    per_example.remove()
+    assert asked == [(7, 5, 3)]  # T = 7 tokens, d_in = 5, d_out = 3
