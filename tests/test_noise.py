@@ -235,3 +235,45 @@ def test_a_checkpoint_written_before_secure_mode_loads_as_seeded():
     assert torch.equal(restored.sample(1.0, (20,)), source.sample(1.0, (20,)))
     with pytest.raises(ValueError, match=r"privacy\.secure_mode=False;"):
         NoiseSource("gaussian", 0, secure=True).load_state_dict(legacy)
+
+
+def test_add_to_follows_its_published_rule_in_each_tensors_dtype(monkeypatch):
+    """Seeded add_to: one seed s = randint(0, 2^62) from the source's generator per call; chunk c of tensor i drawn
+    as randn in that tensor's dtype from a generator seeded by derive_seed(derive_seed(s, i), c). Re-drawn here from
+    torch.Generator directly, with small chunks so every tensor has several; a scale of 1 is noise too."""
+    from dpft import seeding
+
+    monkeypatch.setattr(seeding, "CHUNK", 7)
+    tensors = [torch.zeros(20, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float32), torch.zeros(4)]
+    scales = [1.0, 2.5, 0.0]
+    NoiseSource("gaussian", 41).add_to(tensors, scales)
+    seed = int(torch.randint(0, 1 << 62, (), generator=torch.Generator().manual_seed(41)))
+    for i, (t, scale) in enumerate(zip(tensors, scales)):
+        expected = torch.zeros(t.numel(), dtype=t.dtype)
+        for c, start in enumerate(range(0, t.numel(), 7)):
+            part = slice(start, min(start + 7, t.numel()))
+            generator = torch.Generator().manual_seed(seeding.derive_seed(seeding.derive_seed(seed, i), c))
+            expected[part] = torch.randn(part.stop - part.start, generator=generator, dtype=t.dtype) * scale
+        if scale == 0:
+            assert torch.equal(t, torch.zeros_like(t))  # no noise, and no draw for it
+        else:
+            assert torch.equal(t.flatten(), expected), i
+
+
+def test_noise_that_adds_nothing_draws_nothing():
+    """All scales 0 (or mechanism none): the tensors are unchanged and the seeded stream is not advanced, so the
+    next call draws what a fresh source would."""
+    used, fresh = NoiseSource("gaussian", 8), NoiseSource("gaussian", 8)
+    zeros = [torch.zeros(5), torch.zeros(2, 2)]
+    used.add_to(zeros, [0.0, 0.0])
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in zeros)
+    a, b = torch.zeros(6), torch.zeros(6)
+    used.add_to([a], [1.0])
+    fresh.add_to([b], [1.0])
+    assert torch.equal(a, b)
+
+
+def test_secure_gaussian_is_summed_on_the_cpu_whatever_the_default_device():
+    with torch.device("meta"):
+        noise = NoiseSource("gaussian", 0, secure=True).sample(1.0, (3,), device="cpu")
+    assert noise.device.type == "cpu" and torch.isfinite(noise).all()
