@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # The local data mirror, when this checkout sits beside it (../shared/data); else the Hugging Face Hub.
 SHARED_DATA := $(abspath ../shared/data)
+# With the mirror, models and tokenizers are read from it too: the Hub is not asked (HF_HUB_OFFLINE=1).
 ifneq ($(wildcard $(SHARED_DATA)/README.md),)
 export DPFT_DATA_DIR ?= $(SHARED_DATA)
-endif
 export HF_HUB_OFFLINE ?= 1
+endif
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 PYTEST_ARGS ?=

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpft.models.loading import load_model
@@ -76,3 +77,10 @@ def test_head_only_zo_run_with_and_without_the_cache_agree(tmp_path):
     assert cached["status"] == plain["status"] == "completed"
     assert abs(cached["metrics"]["test/loss"] - plain["metrics"]["test/loss"]) < 1e-4
     assert cached["metrics"]["test/acc"] == plain["metrics"]["test/acc"]
+
+
+def test_a_model_missing_offline_names_hf_hub_offline_not_an_unreachable_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_config(["model=opt-tiny", "model.pretrained=no-such-org/no-such-model"], tmp_path)
+    with pytest.raises(OSError, match=r"no-such-org/no-such-model.*not a local folder, and HF_HUB_OFFLINE=1 keeps"):
+        load_model(cfg.model)

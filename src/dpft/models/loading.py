@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -181,11 +182,13 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
                 model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         except OSError as err:
             local = Path(source).exists()
+            hub = ("HF_HUB_OFFLINE=1 keeps the Hub out (the Makefile sets it where a local data mirror is used)"
+                   if os.environ.get("HF_HUB_OFFLINE") == "1" else f"the Hub did not give it ({err})")
             raise OSError(
                 f"cannot load model {model_cfg.name} from {source!r}: "
                 + ("the folder is not a saved model." if local else
-                   "not a local folder and the Hugging Face Hub is unreachable. Download it on a machine "
-                   "with Hub access (save_pretrained) and set model.pretrained=<folder>.")
+                   f"not a local folder, and {hub}. Set model.pretrained=<folder> (written by save_pretrained), or "
+                   "unset HF_HUB_OFFLINE on a machine with Hub access.")
             ) from err
         _check_head(model_cfg, kind, list(info.get("missing_keys", [])))
         _check_not_offloaded(model_cfg, model)
