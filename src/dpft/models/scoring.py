@@ -48,7 +48,9 @@ def logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor,
     rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
     head = model.get_output_embeddings() if head is None else head
     handles = [head.register_forward_pre_hook(lambda _, args: (args[0][rows, positions], *args[1:]))]
-    if type(head) is nn.Linear:  # a peft-wrapped head keeps its own (adapter) forward and is upcast after it
+    device = batch["input_ids"].device.type
+    rounded = head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device)  # else it is float32 already
+    if type(head) is nn.Linear and rounded:  # a peft-wrapped head keeps its own (adapter) forward, upcast after it
         handles.append(head.register_forward_hook(lambda module, args, out: exact_values(out, module, args[0])))
     try:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
