@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta
 
-from dpft.audit import compose_audit_config, main, run_audit
+from dpft.audit_game import compose_audit_config, main, run_audit
 from tests.conftest import requires_data
 
 pytestmark = requires_data

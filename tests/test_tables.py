@@ -44,7 +44,7 @@ reference:
 
 def _sweep(*args: str, log_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DPFT_LOG_DIR": str(log_dir), "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dpft.report.sweeps", *args], cwd=log_dir.parent, env=env,
+    return subprocess.run([sys.executable, "-m", "dpft.report.run_table", *args], cwd=log_dir.parent, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -160,7 +160,7 @@ def test_a_refused_config_ends_in_one_line_without_traceback_or_results(tmp_path
 def test_dpft_sweep_names_the_tables_for_an_unknown_one_and_prints_runnable_commands(capsys):
     import shlex
 
-    from dpft.report.sweeps import main as sweep_main
+    from dpft.report.run_table import main as sweep_main
 
     with pytest.raises(SystemExit, match="dpft-sweep: unknown table 'cpuu': .* cpu, dpzero_opt"):
         sweep_main(["cpuu", "--dry-run"])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from dpft.data.readers import Column, read_table
-from dpft.data.tasks import Example, Split, Task, data_dir, missing_file, split_prompt
+from dpft.data.task_base import Example, Split, Task, data_dir, missing_file, split_prompt
 
 SEEDS = (13, 21, 42, 87, 100)
 KS = (16, 512)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dpft.data.readers import read_json, read_jsonl, read_table
-from dpft.data.tasks import (
+from dpft.data.task_base import (
     DATA_ENV,
     Example,
     MissingDataError,
