@@ -26,6 +26,8 @@ MUTANT_JOBS ?= 1
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "tables (make table-<name>, make report-<name>; sweeps/<name>.yaml):"
+	@for f in sweeps/*.yaml; do printf "  %-16s %s\n" "$$(basename $$f .yaml)" "$$(sed -n 's/^description: *//p' $$f)"; done
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -243,8 +243,18 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return results
 
 
+def main() -> float | None:
+    """`dpft-train`: our help for --help/-h (Hydra's lists `local` as a choice and no method), else Hydra."""
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        from dpft.usage import train_help
+
+        print(train_help())
+        return None
+    return hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     failed = True
     try:

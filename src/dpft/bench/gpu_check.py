@@ -113,7 +113,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
+    parser.add_argument("--out", type=Path, default=Path("gpu-check.json"),
+                        help="what was measured, as JSON (default gpu-check.json)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

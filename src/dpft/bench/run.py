@@ -567,12 +567,15 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only OPT-125m / RoBERTa-base, batch 16, length 128")
-    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="records file (default bench.json)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every one available)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repeats of each measurement, in a Williams-design order (default 3)")
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="a part of the grid")
-    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
-    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
+                        help=f"sequence lengths of the grid (default {' '.join(map(str, LENGTHS))})")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES),
+                        help=f"batch sizes of the grid (default {' '.join(map(str, BATCHES))})")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), dest="parts",
                         help="zo: the ZO ratios and scaling; memory: ZO peak memory over inference; dpsgd: DP-SGD and "
                              "Opacus; ddp: 2 processes vs 1; precision: ZO restore drift and update error per dtype")

@@ -14,6 +14,7 @@ from typing import Any
 from dpft.config import CONFIG_DIR
 from dpft.report.collect import report
 from dpft.report.sweeps import LAUNCHERS, SWEEPS_DIR, commands, jobs, load_sweep, restrict, search_keys
+from dpft.usage import tables_help
 
 
 def wandb_settings(sweep: dict[str, Any], extra: list[str] | None = None) -> dict[str, Any] | None:
@@ -42,10 +43,13 @@ def run_commands(cmds: list[list[str]], parallel: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="dpft-sweep", description=__doc__, epilog=tables_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", help=f"a sweep name in {SWEEPS_DIR} or the path of a sweep file")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. hydra.launcher.n_jobs=4")
-    parser.add_argument("--launcher", default=os.environ.get("LAUNCHER") or "basic", choices=list(LAUNCHERS))
+    parser.add_argument("--launcher", default=os.environ.get("LAUNCHER") or "basic", choices=list(LAUNCHERS),
+                        help="basic: one job after another; joblib: N local processes (hydra.launcher.n_jobs=N); "
+                             "slurm, slurm_multigpu: Slurm jobs (conf/local/default.yaml), default $LAUNCHER or basic")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and the commands, run nothing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                         help="replace a grid key's values (--set task.data_seed=42), run some methods or privacy "
