@@ -227,6 +227,29 @@ def test_notebook_runs_top_to_bottom_on_the_tiny_table(tiny):
     assert not any(o.output_type == "error" for o in outputs)
 
 
+def test_notebook_runs_on_a_fresh_clone_with_its_defaults(tmp_path):
+    """No results yet (its default folder does not exist): it says what to run and the cells still run."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (tmp_path / "notebooks").mkdir()  # the default RESULTS, ../logs/tables/cpu, is then empty
+    NotebookClient(nb, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not any(o.output_type == "error" for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "0 runs -> 0 cells, 11 missing, 0 failed" in text
+    assert f"No results found in {tmp_path / 'logs' / 'tables' / 'cpu'}" in text and "make table-cpu" in text
+
+
+def test_report_rows_have_the_frame_columns(tiny):
+    from dpft.report.collect import ROW_COLUMNS
+
+    rows = report(tiny.folder, table=str(tiny.sweep), out=tiny.root / "cols").rows()
+    assert rows and all(tuple(row) == ROW_COLUMNS for row in rows)
+
+
 # --- Slurm, without Slurm ----------------------------------------------------------------------------------
 @requires_data
 def test_slurm_launcher_submits_the_whole_table(tmp_path):

@@ -192,6 +192,14 @@ def _epsilon(results: dict[str, Any]) -> float:
     return math.inf if value is None and results["privacy"].get("mechanism") == "none" else float(value)
 
 
+# the columns of `Report.rows()`, in order
+ROW_COLUMNS = ("task", "model", "method", "variant", "epsilon", "delta", "epsilon_spent", "n", "mean", "stderr",
+               "reference", "difference", "reference_source", "selected", "tried", "selection_epsilon",
+               "selection_delta", "selection_runs", "baseline", "vs_baseline", "vs_baseline_stderr",
+               "vs_baseline_reference", "peak_memory_gib", "seconds_per_step", "device_hours", "device",
+               "forward_passes", "upload_bytes_per_client_round")
+
+
 @dataclass
 class Report:
     cells: list[Cell]
@@ -238,10 +246,11 @@ class Report:
         return out
 
     def frame(self):
-        """The rows as a pandas DataFrame (ε and δ as numbers, ε = inf for non-private runs)."""
+        """The rows as a pandas DataFrame (ε and δ as numbers, ε = inf for non-private runs); with no cells,
+        an empty one with the same columns, so filters and pivots still run."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows())
+        return pd.DataFrame(self.rows(), columns=ROW_COLUMNS)
 
     def markdown(self) -> str:
         rows = self.rows()
