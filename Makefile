@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch that lies on disk on these machines (a plain `torch` would pull a CUDA build).
+# The CPU build of torch that lies on disk on these machines (a plain `torch` would pull a CUDA build);
+# a CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cu124 (the wheel index of your CUDA version)
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 # The local data mirror, when this checkout sits beside it (../shared/data); else the Hugging Face Hub.
 SHARED_DATA := $(abspath ../shared/data)
 # With the mirror, models and tokenizers are read from it too: the Hub is not asked (HF_HUB_OFFLINE=1).
@@ -34,13 +36,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install dpft with its test tools (CPU torch)
+install: $(VENV)/.installed ## create .venv and install dpft with its test tools (TORCH_INDEX=... for a CUDA torch)
 
-demo: install ## train MiniLM on SST-2 512-shot (offline, ~2 min on 2 CPU cores) and print the result table
+demo: install ## fine-tune MiniLM on SST-2 512-shot (offline) and print the result table
 	$(BIN)/dpft-train experiment=demo
 
 test: install ## run the test suite (fast tests; what CI runs)
