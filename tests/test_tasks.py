@@ -175,6 +175,21 @@ def test_protocol_sizes(data_root, name, train, val, test):
     assert {s: len(v) for s, v in splits.items()} == {"train": train, "val": val, "test": test}
 
 
+@pytest.mark.parametrize("name,options", [(n, {}) for n in MEZO] + [
+    ("sst2", {"num_train": 64}), ("cb", {"num_dev": 200}), ("copa", {"num_train": 10_000}),
+    ("rte", {"num_dev": 2_000})])
+def test_train_size_before_loading_is_the_loaded_size(data_root, name, options):
+    """`train_size()` of the MeZO protocol (what a run checks its batch size against before anything loads)
+    is the number of training examples the split then gives. (A k-shot task counts its train file's rows.)"""
+    task = build_task(name, **options)
+    expected = task.train_size()
+    try:
+        loaded = task.splits(("train",))["train"]
+    except MissingDataError:
+        pytest.skip(f"{name}: the mirror has no train file (train_size comes from the published size)")
+    assert len(loaded) == expected
+
+
 def test_original_split_sizes(data_root):
     assert len(build_task("rte").load_original("validation")) == 277
     assert len(build_task("sst2").load_original("train")) == 67349

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dpft.data.tasks import MissingDataError
+from dpft.validation import ConfigError
 from dpft.results import read_results
 from dpft.train import run
 from tests.conftest import requires_data
@@ -126,13 +126,14 @@ def test_impossible_model_task_pairs_fail_with_the_fix(make_cfg, model, task, me
     assert "metrics" not in failed
 
 
-def test_missing_data_names_file_variable_and_hub(make_cfg):
+def test_missing_data_names_file_variable_and_hub_before_anything_loads(make_cfg):
+    """A user's setup, not a failed cell: refused before work, no results.json for a report to list."""
     cfg = make_cfg("model=opt-tiny", "task=boolq", "method=ft")
-    with pytest.raises(MissingDataError) as err:
+    with pytest.raises(ConfigError) as err:
         run(cfg)
     text = str(err.value)
-    assert "BoolQ" in text and "DPFT_DATA_DIR" in text and "boolq" in text
-    assert _read(cfg)["error"] == {**_read(cfg)["error"], "type": "MissingDataError", "message": text}
+    assert "BoolQ/train.jsonl" in text and "DPFT_DATA_DIR" in text and "super_glue/boolq" in text
+    assert not (Path(cfg.paths.output_dir) / "results.json").exists()
 
 
 # --- the command line, as users type it -----------------------------------------------------------
@@ -176,6 +177,31 @@ def test_cli_run_dir_and_multirun_with_wandb_offline(tmp_path):
         assert b"privacy/target_epsilon" in log and b"cost/seconds_per_step" in log
         assert data["method"] in ("ft", "mezo")
     assert len(run_ids) == 2
+
+
+# what no user can act on; each was printed by a plain run before it was silenced
+NOISE = ("💡 Tip", "LeafSpec", "was configured so 100% of the batches", "failed to converge", "LOAD REPORT",
+         "Loading weights", "in eval mode", "is_gradient_checkpointing", "smaller than the logging interval")
+
+
+def test_a_run_prints_no_library_noise_and_train_log_keeps_the_run(tmp_path):
+    """A private LoRA run (dp-accounting, peft, Lightning) and a head-only one on the pretrained MiniLM (its
+    encoder frozen in eval mode, its unused pooler weights): the console holds what a user acts on, and train.log
+    the run's messages and its results table."""
+    runs = {"lora": ["model=opt-tiny", "method=dpsgd_lora", "privacy=eps8"],
+            "head": ["model=minilm-l6", "method=dpsgd", "privacy=eps8", "method.trainable=head",
+                     "model.cache_features=false"]}
+    for name, overrides in runs.items():
+        run_dir = tmp_path / name
+        out = _cli(*CLI_SHRINK, *overrides, "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        console = out.stdout + out.stderr
+        assert [n for n in NOISE if n in console] == [], console
+        log = (run_dir / "train.log").read_text()
+        assert "[dpft][INFO] - privacy: PrivacySpec(" in log
+        assert "`Trainer.fit` stopped: `max_steps=2` reached." in log  # Lightning's own messages
+        assert "| method | model | task |" in log and f"run folder: {run_dir}" in log
+        assert f"run folder: {run_dir}" in out.stdout
 
 
 def test_the_progress_bar_counts_steps_not_epochs(make_cfg, tmp_path):

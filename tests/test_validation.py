@@ -103,10 +103,77 @@ def test_validation_runs_before_any_data_or_model_is_loaded(tmp_path, monkeypatc
         run(compose_config(["model=opt-tiny", "task=sst2", "method.lr=-1"], tmp_path / "run"))
 
 
+def _nothing(*args, **kwargs):
+    raise AssertionError("loaded before the configuration was checked")
+
+
+@requires_data
+@pytest.mark.parametrize("overrides,message", [
+    (["method=dpsgd_lora", "privacy=eps2", "task=sst2-k16"],
+     "method.batch_size=64 exceeds the 32 training examples of task sst2-k16: set method.batch_size <= 32"),
+    (["task=sst2", "task.num_train=24", "method.batch_size=100"], "exceeds the 24 training examples of task sst2"),
+    (["task=cb", "method=mezo", "method.batch_size=151"], "exceeds the 150 training examples of task cb"),
+    (["model=opt-125m", "model.pretrained=/nonexistent/opt"], "model.pretrained='/nonexistent/opt' is not a folder"),
+    (["model=opt-1.3b", "model.dtype=float32", "task=sst2"],
+     "model.pretrained='facebook/opt-1.3b' is not a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE=1"),
+    (["model=minilm-l6", "task=sst2-k16", "model.pretrained=pkg:no_such_model"], "pip install no-such-model"),
+    (["task=boolq", "method=mezo"], "BoolQ/train.jsonl not found. Set DPFT_DATA_DIR to a folder containing"),
+    (["task=boolq", "method=zero_shot", "validate=false"], None),  # the test split only: BoolQ/val.jsonl is there
+    (["task=sst2-k16", "task.data_seed=87", "method=ft"], None),
+])
+def test_sources_files_and_batch_size_are_checked_before_anything_loads(tmp_path, monkeypatch, overrides, message):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("load_model", "load_tokenizer", "TaskDataModule", "FederatedDataModule"):
+        monkeypatch.setattr(dpft.train, name, _nothing)
+    cfg = compose_config(["model=opt-tiny", "logger=none", *overrides], tmp_path / "run", shrink=False)
+    if message is None:
+        with pytest.raises(AssertionError, match="loaded before"):  # passed every check, then started loading
+            run(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert message in str(err.value)
+
+
+def test_a_hub_model_in_the_cache_passes_offline(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 with the model in the Hugging Face cache (its layout: refs/main names a snapshot)."""
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "models--facebook--opt-1.3b"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dpft.validation.check_sources(compose_config(["model=opt-1.3b", "task=sst2"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # with the Hub: the id is left to from_pretrained
+    dpft.validation.check_sources(compose_config(["model=opt-6.7b", "task=sst2"]))
+    with pytest.raises(ConfigError, match="opt-6.7b"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        dpft.validation.check_sources(compose_config(["model=opt-6.7b", "task=sst2"]))
+
+
+def test_a_missing_split_file_is_one_line_without_traceback_or_results(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "dpft.train", "model=opt-tiny", "task=boolq", "method=mezo",
+                          "logger=none", f"hydra.run.dir={folder}"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "BoolQ/train.jsonl not found" in out.stderr.strip().splitlines()[-1]
+    assert not (folder / "results.json").exists()
+
+
 # checks that need the data or the model: still before the first step
 @requires_data
 @pytest.mark.parametrize("overrides,error,message", [
-    (["task=sst2", "method.batch_size=100"], ValueError, "method.batch_size=100 exceeds the 24 training examples"),
     (["task=sst2-k16", "task.data_seed=7"], ValueError, "data_seed 7 has no LM-BFF split; valid data seeds"),
     (["task=sst2", "method=dpzo", "privacy=eps2", "privacy.target_epsilon=1e-9", "privacy.target_delta=1e-15"],
      ValueError, "unreachable"),

@@ -33,7 +33,7 @@ from dpft.checkpointing import (
 from dpft.config import CONFIG_DIR
 from dpft.data.datamodule import TaskDataModule
 from dpft.data.federated import FederatedDataModule
-from dpft.data.tasks import build_task_from_config
+from dpft.data.tasks import MissingDataError, build_task_from_config
 from dpft.distributed import DeviceMapStrategy
 from dpft.methods.base import MethodModule
 from dpft.models.loading import count_parameters, init_classifier_head, load_model, load_tokenizer
@@ -49,9 +49,10 @@ from dpft.results import (
     read_results,
     write_results,
 )
+from dpft.run_log import keep_run_log, log_results, quiet_library_noise
 from dpft.seeding import secret_seed
 from dpft.selection import BestValidation, main_validation_metric
-from dpft.validation import ConfigError, check_delta, validate_config
+from dpft.validation import ConfigError, check_delta, needed_splits, validate_config
 
 log = logging.getLogger("dpft")
 
@@ -137,6 +138,11 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger, callbacks: list[L.C
                      default_root_dir=str(output_dir))
 
 
+# a user's mistake, found before any training: a one-line message, no traceback and no results.json (the data's
+# files are read before the model loads)
+USER_ERRORS = (ConfigError, PrivacyConfigError, MissingDataError)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the results block (also written to results.json).
 
@@ -151,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _run(cfg, output_dir)
-    except (ConfigError, PrivacyConfigError):
+    except USER_ERRORS:
         raise  # refused before any work: no results.json that a report would list as a failed run
     except BaseException as err:
         if rank_zero_only.rank == 0:
@@ -169,9 +175,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                           max_new_tokens=cfg.task.get("max_new_tokens", 50))
 
     trains = int(cfg.method.steps) > 0
-    needed = ("train", "val", "test") if trains else ("val", "test")
-    if not cfg.get("validate", True):
-        needed = tuple(s for s in needed if s != "val")
+    needed = needed_splits(cfg)
     ckpt = find_checkpoint(cfg, output_dir) if trains else None
     saved = read_checkpoint(ckpt) if ckpt else {}
     seed = sampling_seed(cfg, saved)
@@ -238,8 +242,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             logger.experiment.summary.update(results["summary"])
         if not cfg.checkpoint.get("keep", False):
             shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
-        print(format_table([results]))
-        print(f"run folder: {output_dir}\nresults: {output_dir / 'results.json'}")
+        log_results(format_table([results]))
+        log_results(f"run folder: {output_dir}\nresults: {output_dir / 'results.json'}")
     return results
 
 
@@ -256,11 +260,13 @@ def main() -> float | None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_noise()
+    keep_run_log()
     failed = True
     try:
         results = run(cfg)
         failed = False
-    except (ConfigError, PrivacyConfigError) as err:  # a user's mistake: one line, no traceback
+    except USER_ERRORS as err:  # a user's mistake: one line, no traceback
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 

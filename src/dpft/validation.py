@@ -3,7 +3,8 @@
 Each error names the config key, the value given and what is valid. What per-example gradients cannot
 bound (DP-SGD, DP-LoRA, ANADP) is found on a weightless copy of the model, built on the meta device from
 its configuration (`check_per_example_layers`). Checks that need the data (batch size against the
-training-set size, a k-shot data seed without files) happen where that is known, before the first step.
+training-set size, a missing model folder) read no more than a task's protocol and the file system
+(`check_sources`).
 Unknown options of a config group (`method=`, `model=`, `task=`, `privacy=`) are refused by Hydra with
 the list of valid ones.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,12 +23,12 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpft.data.federated import PARTITIONS
-from dpft.data.tasks import DATA_ENV, data_dir
+from dpft.data.tasks import DATA_ENV, MissingDataError, Split, build_task_from_config, data_dir
 from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
 from dpft.methods.zeroth_order import CLIP_TARGETS, DIRECTIONS, Z_GENERATORS
-from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model
+from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model, resolve_source
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
 from dpft.models.precision import (
     AUTOCAST,
@@ -169,11 +172,66 @@ def validate_config(cfg: DictConfig) -> bool:
             raise ConfigError(f"{key}={value!r} is not one of {tuple(valid)}")
     check_precision(cfg)
     check_devices(cfg)
+    check_sources(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
     private = check_privacy_pair(cfg)
     check_per_example_layers(cfg)
     return private
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """The model's weights and tokenizer can be found, and a training batch fits in the training set: a
+    missing folder or an impossible batch fails in a second, naming the key and the fix."""
+    model = cfg.model
+    mirror = data_dir()
+    mirrored = model.get("tokenizer_mirror") and mirror is not None and (mirror / model.tokenizer_mirror).is_dir()
+    sources = [("model.pretrained", model.get("pretrained"))]
+    if not mirrored:
+        sources.append(("model.tokenizer", model.get("tokenizer") or model.get("pretrained")))
+    for key, value in sources:
+        if value:
+            _check_source(key, value)
+    task = build_task_from_config(cfg.task)
+    try:
+        task.check_files(needed_splits(cfg))
+        n = task.train_size() if trains(cfg) and not cfg.method.get("federated") else math.inf
+    except MissingDataError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.method.batch_size > n:
+        raise ConfigError(f"method.batch_size={cfg.method.batch_size} exceeds the {n} training examples of task "
+                          f"{task.name}: set method.batch_size <= {n}, or use a task with more training examples")
+
+
+def needed_splits(cfg: DictConfig) -> tuple[Split, ...]:
+    """The splits a run reads: train when its method trains, val when it validates, test always."""
+    needed = ("train", "val", "test") if int(cfg.method.steps) > 0 else ("val", "test")
+    return needed if cfg.get("validate", True) else tuple(s for s in needed if s != "val")
+
+
+def _check_source(key: str, value: str) -> None:
+    """A local folder must exist; a Hub id needs the Hub, or a copy in its cache when HF_HUB_OFFLINE=1."""
+    try:
+        source = resolve_source(value)
+    except ImportError as err:  # `pkg:` names a package that is not installed
+        raise ConfigError(f"{key}={value!r}: {err}") from None
+    if Path(source).expanduser().is_dir():
+        return
+    if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
+        raise ConfigError(f"{key}={value!r} is not a folder: point it at a model folder written by save_pretrained")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _hub_cached(source):
+        raise ConfigError(f"{key}={value!r} is not a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
+                          f"keeps the Hub out (the Makefile sets it beside the local data mirror): set {key}=<folder "
+                          f"written by save_pretrained>, or unset HF_HUB_OFFLINE on a machine with Hub access")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def check_per_example_layers(cfg: DictConfig) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from dpft.data.readers import Column, read_table
@@ -121,7 +122,16 @@ class KShotTask(Task):
     def splits(self, needed: tuple[Split, ...] = ("train", "val", "test")) -> dict[Split, list[Example]]:
         return {split: self._read(split) for split in needed}
 
-    def _read(self, split: Split) -> list[Example]:
+    def check_files(self, needed: tuple[Split, ...]) -> None:
+        for split in needed:
+            self._path(split)
+
+    def train_size(self) -> int:
+        # k per label, or fewer where a class has fewer (TREC): the file says; a small table, read in a moment
+        return len(self._read("train"))
+
+    def _path(self, split: Split) -> tuple[Path, tuple]:
+        """The split's file and its columns."""
         spec = self.spec
         if split == "test" and self.options.get("full_test"):
             rel, columns = spec.full_test
@@ -132,6 +142,11 @@ class KShotTask(Task):
         path = None if root is None else root / rel
         if path is None or not path.is_file():
             raise missing_file(path or rel, rel, None)  # LM-BFF splits exist only as files
+        return path, columns
+
+    def _read(self, split: Split) -> list[Example]:
+        spec = self.spec
+        path, columns = self._path(split)
         out = []
         for i, (a, b, y) in enumerate(read_table(path, columns)):
             if y not in spec.labels:

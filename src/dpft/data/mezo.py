@@ -42,6 +42,7 @@ class MezoTask(Task):
     files: ClassVar[dict[Original, str]]  # relative to $DPFT_DATA_DIR
     raw_labels: ClassVar[tuple[Any, ...]] = ()  # local-file label values in label-index order
     num_dev: ClassVar[int] = 500
+    train_pool: ClassVar[int]  # examples in the original train split (what `load_original("train")` returns)
     sep: ClassVar[str] = ""  # MeZO's verbalize = encode + sep + option
     missing_note: ClassVar[str] = ""
     option_names = ("num_train", "num_dev", "num_test")
@@ -63,6 +64,17 @@ class MezoTask(Task):
             idx = sorted(random.Random(self.data_seed).sample(range(len(pool)), n)) if n < len(pool) else range(n)
             out["test"] = [pool[i] for i in idx]
         return out
+
+    def check_files(self, needed: tuple[Split, ...]) -> None:
+        root = data_dir()
+        originals = (["train"] if {"train", "val"} & set(needed) else []) + (["validation"] if "test" in needed else [])
+        for split in originals if root is not None else ():
+            if not (root / self.files[split]).is_file():
+                raise missing_file(root / self.files[split], self.files[split], "/".join(self.hub_id), self.missing_note)
+
+    def train_size(self) -> int:
+        n_dev = min(self.options.get("num_dev", self.num_dev), self.train_pool)
+        return min(self.options.get("num_train", 1000), self.train_pool - n_dev)
 
     def load_original(self, split: Original) -> list[Example]:
         """Every example of the original ``train`` or ``validation`` split, in file order."""
@@ -144,6 +156,7 @@ class SST2(Classification):
     name = "sst2"
     hub_id = ("glue", "sst2")
     files = {"train": "SST-2/train.tsv", "validation": "SST-2/dev.tsv"}
+    train_pool = 67_349
     label_words = ("terrible", "great")
     sep = " "
     text_fields = ("sentence", None)
@@ -163,6 +176,7 @@ class RTE(Classification):
     name = "rte"
     hub_id = ("super_glue", "rte")
     files = {"train": "RTE/train.jsonl", "validation": "RTE/val.jsonl"}
+    train_pool = 2_490
     raw_labels = ("entailment", "not_entailment")
     label_words = ("Yes", "No")
     text_fields = ("premise", "hypothesis")
@@ -176,6 +190,7 @@ class CB(Classification):
     name = "cb"
     hub_id = ("super_glue", "cb")
     files = {"train": "CB/train.jsonl", "validation": "CB/val.jsonl"}
+    train_pool = 250
     raw_labels = ("entailment", "contradiction", "neutral")
     label_words = ("Yes", "No", "Maybe")
     num_dev = 100
@@ -190,6 +205,7 @@ class BoolQ(Classification):
     name = "boolq"
     hub_id = ("super_glue", "boolq")
     files = {"train": "BoolQ/train.jsonl", "validation": "BoolQ/val.jsonl"}
+    train_pool = 9_427  # SuperGLUE BoolQ train (not in the mirror)
     label_words = ("No", "Yes")  # label 1 = true
     text_fields = ("passage", "question")
     missing_note = " (BoolQ/fewglue_32dev/train.jsonl has only 32 examples and is not used.)"
@@ -205,6 +221,7 @@ class WSC(Classification):
     name = "wsc"
     hub_id = ("super_glue", "wsc.fixed")  # MeZO loads wsc.fixed; the mirror holds the original WSC
     files = {"train": "WSC/train.jsonl", "validation": "WSC/val.jsonl"}
+    train_pool = 554
     label_words = ("No", "Yes")
 
     def local_rows(self, path: Path) -> Iterable[dict]:
@@ -224,6 +241,7 @@ class WiC(Classification):
     name = "wic"
     hub_id = ("super_glue", "wic")
     files = {"train": "WiC/train.jsonl", "validation": "WiC/val.jsonl"}
+    train_pool = 5_428
     label_words = ("No", "Yes")
 
     def encode(self, ex: Example) -> str:
@@ -239,6 +257,7 @@ class MultiRC(Classification):
     name = "multirc"
     hub_id = ("super_glue", "multirc")
     files = {"train": "MultiRC/train.jsonl", "validation": "MultiRC/val.jsonl"}
+    train_pool = 27_243  # one example per (question, answer option)
     label_words = ("No", "Yes")
 
     def local_rows(self, path: Path) -> Iterable[dict]:
@@ -270,6 +289,7 @@ class COPA(NotClassification):
     kind = "multiple_choice"
     hub_id = ("super_glue", "copa")
     files = {"train": "COPA/train.jsonl", "validation": "COPA/val.jsonl"}
+    train_pool = 400
     num_dev = 100
 
     def example(self, row: dict) -> Example:
@@ -295,6 +315,7 @@ class ReCoRD(NotClassification):
     kind = "multiple_choice"
     hub_id = ("super_glue", "record")
     files = {"train": "ReCoRD/train.jsonl", "validation": "ReCoRD/val.jsonl"}
+    train_pool = 100_730  # SuperGLUE ReCoRD train queries, less the few dropped below (not in the mirror)
     sep = " "
     missing_note = " (ReCoRD/fewglue_32dev holds only 32+32 examples and is not used.)"
 
@@ -340,6 +361,7 @@ class SQuAD(Generation):
     name = "squad"
     hub_id = ("squad",)
     files = {"train": "SQuAD/train-v1.1.reconstructed.json", "validation": "SQuAD/dev-v1.1.reconstructed.json"}
+    train_pool = 87_599
 
     def local_rows(self, path: Path) -> Iterable[dict]:
         for article in read_json(path)["data"]:
@@ -361,6 +383,7 @@ class DROP(Generation):
     name = "drop"
     hub_id = ("drop",)
     files = {"train": "DROP/drop_dataset_train.json", "validation": "DROP/drop_dataset_dev.json"}
+    train_pool = 77_409  # DROP v1.0 train questions (not in the mirror)
     missing_note = (" The partial files under DROP/ (300 train questions, the contrast set) are not DROP splits "
                     "and are never used as such.")
 

@@ -102,6 +102,15 @@ class Task:
         """The protocol's train/val/test examples (only the ``needed`` ones are read)."""
         raise NotImplementedError
 
+    def check_files(self, needed: tuple[Split, ...]) -> None:
+        """Raise `MissingDataError` when the local mirror lacks a file that `splits(needed)` would read (before
+        anything loads; without a mirror the Hub is asked when the data load)."""
+
+    def train_size(self) -> int:
+        """How many training examples the protocol gives, known before any file is read (so a batch larger
+        than the training set is refused before anything loads)."""
+        raise NotImplementedError
+
     # --- templates --------------------------------------------------------------------------
     def causal_prompt(self, ex: Example) -> str:
         raise NotImplementedError

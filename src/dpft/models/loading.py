@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,23 @@ def _check_head(model_cfg: Any, kind: str, missing: list[str]) -> None:
         )
 
 
+@contextmanager
+def _quiet_loading():
+    """transformers' progress bar and its load report (which lists the pooler a mean-pooling classifier leaves
+    out as "UNEXPECTED"): missing weights are refused by `_check_head`, other unused ones logged by us."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_cfg: Any, num_labels: int = 0, meta: bool = False) -> nn.Module:
     """Instantiate `model_cfg.kind` from `pretrained` (Hub id / local folder / pkg:) or `config` (random).
 
@@ -179,7 +196,8 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
             if meta:  # the modules alone: no weights are read
                 model, info = auto.from_config(AutoConfig.from_pretrained(source), **kwargs), {}
             else:
-                model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+                with _quiet_loading():
+                    model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
         except OSError as err:
             local = Path(source).exists()
             hub = ("HF_HUB_OFFLINE=1 keeps the Hub out (the Makefile sets it where a local data mirror is used)"
@@ -191,6 +209,11 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
                    "unset HF_HUB_OFFLINE on a machine with Hub access.")
             ) from err
         _check_head(model_cfg, kind, list(info.get("missing_keys", [])))
+        unexpected = [k for k in info.get("unexpected_keys", []) if not (
+            kwargs.get("add_pooling_layer") is False and k.startswith("pooler."))]
+        if unexpected:
+            log.warning("model %s: weights in %s that the model does not use: %s", model_cfg.name, source,
+                        ", ".join(sorted(unexpected)[:10]) + (" ..." if len(unexpected) > 10 else ""))
         _check_not_offloaded(model_cfg, model)
     else:
         if not model_cfg.get("config"):

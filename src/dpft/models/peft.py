@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -31,9 +32,17 @@ def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
     if hasattr(model, "head") and hasattr(model, "encoder"):  # MeanPoolClassifier
         if mode == "prefix":
             raise ValueError("method.peft.mode=prefix is not supported for model.kind=classifier; use lora")
-        model.encoder = peft.get_peft_model(model.encoder, peft_config)
+        model.encoder = _peft_model(model.encoder, peft_config)
         return model
-    return peft.get_peft_model(model, peft_config)
+    return _peft_model(model, peft_config)
+
+
+def _peft_model(model: nn.Module, peft_config: Any) -> nn.Module:
+    import peft
+
+    with warnings.catch_warnings():  # peft reads a property transformers has renamed: nothing a user can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, peft_config)
 
 
 def _prefix_task_type(model: nn.Module) -> str:
