@@ -240,3 +240,44 @@ def test_a_data_mirror_that_is_not_a_folder_is_refused_before_anything_loads(mon
     monkeypatch.setenv("DPFT_DATA_DIR", str(tmp_path / "no-such-mirror"))
     with pytest.raises(ConfigError, match=r"DPFT_DATA_DIR=.*no-such-mirror is not a folder"):
         validate_config(compose_config(["method=mezo"]))
+
+
+# Each range at its edges: the smallest (or largest) accepted value passes and the first value past it, a value of
+# the wrong type, NaN and ∞ where a number is asked are refused, naming the key. A slip in a bound (> for >=, 2
+# for 1), in a type test (`or` for `and`) or in the key a message names fails here.
+FEDAVG = ["method=fedavg", "fed.clients=5", "fed.clients_per_round=2"]
+DR = ["method=dr_encoder", "privacy=eps2", "fed.clients=5", "fed.clients_per_round=2", "method.encoder.chunk=8",
+      "method.encoder.compression=2"]
+EDGES = [
+    # (key as the message names it, override key, context, accepted values, refused values)
+    ("fed.clients", "fed.clients", ["method=fedavg", "fed.clients_per_round=1"], [1, 2], [0, -1, 1.5, "'3'"]),
+    ("method.batch_size (clients per round, fed.clients_per_round)", "fed.clients_per_round", FEDAVG[:2],
+     [1, 5], [6, 9]),  # 0, 2.5 and True: refused as method.batch_size by the checks of every method
+    ("fed.rounds", "fed.rounds", FEDAVG, [1], [0]),  # 1.5: refused as trainer.max_steps (= fed.rounds) first
+    ("fed.local_steps", "fed.local_steps", FEDAVG, [1], [0, 1.5]),
+    ("fed.local_batch_size", "fed.local_batch_size", FEDAVG, [1], [0, 1.5]),
+    ("fed.partition", "fed.partition", FEDAVG, ["iid", "dirichlet"], ["shards"]),
+    ("fed.alpha", "fed.alpha", FEDAVG, [1e-9, 1e9, 1], [0, -1e-9, "inf", "nan", "'a'", False]),
+    ("method.server_lr", "method.server_lr", FEDAVG, [1e-9, 2], [0, "inf", "nan", "'a'"]),
+    ("method.aggregation", "method.aggregation", FEDAVG, ["mean"], ["median"]),
+    ("trainer.devices", "trainer.devices", FEDAVG, [1, "'1'"], [2, "'2'"]),
+    ("method.prior_rounds", "method.prior_rounds", DR, [1, 3], [0, 1.5]),
+    ("method.encoder.chunk", "method.encoder.chunk", DR, [2], [0, 1.5]),
+    ("method.encoder.compression", "method.encoder.compression", DR, [1, 8], [0, 9, 2.5]),
+    ("method.encoder.hidden", "method.encoder.hidden", DR, [0, 1], [-1, 1.5]),
+    ("method.encoder.steps", "method.encoder.steps", DR, [1], [0, 1.5]),
+    ("method.encoder.lr", "method.encoder.lr", DR, [1e-9, 1], [0, "inf", "nan", "'a'"]),
+    ("method.encoder.rows", "method.encoder.rows", DR, [1], [0, 1.5]),
+    ("method.encoder.var_floor", "method.encoder.var_floor", DR, [1e-9, 1], [0, "inf", "nan", "'a'"]),
+]
+
+
+@pytest.mark.parametrize("key,override,context,accepted,refused", EDGES, ids=[e[0].split()[0] for e in EDGES])
+def test_federated_ranges_at_their_edges(key, override, context, accepted, refused):
+    for value in accepted:
+        validate_config(compose_config(["model=opt-tiny", "task=sst2", *context, f"{override}={value}"], shrink=False))
+    for value in refused:
+        with pytest.raises(ConfigError) as err:
+            validate_config(compose_config(["model=opt-tiny", "task=sst2", *context, f"{override}={value}"],
+                                           shrink=False))
+        assert str(err.value).startswith(f"{key}="), (value, str(err.value))
