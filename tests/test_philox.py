@@ -3,7 +3,9 @@ process whose float mode it leaves alone."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from dpft import philox
 from dpft.methods.zeroth_order import ZerothOrderSGD
+from tests.conftest import requires_data
 
 # Random123's known-answer vectors for Philox4x32-10: (counter, key, output)
 KNOWN_ANSWERS = [
@@ -102,6 +105,46 @@ def test_without_a_compiler_philox_fails_clearly_and_torch_still_runs(monkeypatc
     opt = ZerothOrderSGD(params, lr=0.1, z_generator="torch")
     opt.step(lambda: params[0].sum().view(1))
     assert params[0].abs().sum() > 0
+
+
+def _fresh_kernel(monkeypatch, cache, compiler):
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("DPFT_CACHE_DIR", str(cache))
+    monkeypatch.setattr(philox, "_lib", None)
+    monkeypatch.setattr(philox, "_error", None)
+
+
+def test_a_kernel_built_before_is_used_without_a_compiler(monkeypatch, tmp_path):
+    """A node whose cache holds a kernel for this CPU, but that has no compiler (or a cache copied beside the
+    code), still draws Philox z, the same ones."""
+    _fresh_kernel(monkeypatch, tmp_path, os.environ.get("CC", "cc"))
+    expected = philox.normal_(torch.empty(1000), 5, 123)
+    assert len(list(tmp_path.glob("philox-*.so"))) == 1
+    _fresh_kernel(monkeypatch, tmp_path, "no-such-compiler")
+    assert torch.equal(philox.normal_(torch.empty(1000), 5, 123), expected)
+    _fresh_kernel(monkeypatch, tmp_path / "empty", "no-such-compiler")
+    with pytest.raises(philox.KernelUnavailable, match="no C compiler.*no kernel built for this CPU"):
+        philox.kernel()
+
+
+@requires_data
+def test_a_cpu_run_without_a_compiler_falls_back_to_torch_and_records_it(monkeypatch, tmp_path, make_cfg, caplog):
+    from dpft.train import run
+
+    compiler = os.environ.get("CC", "cc")
+    _fresh_kernel(monkeypatch, tmp_path / "cache", "no-such-compiler")
+    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=mezo")
+    with caplog.at_level(logging.WARNING, logger="dpft"):
+        results = run(cfg)
+    assert results["status"] == "completed"
+    assert results["fallbacks"]["method.z_generator"]["used"] == "torch"
+    assert "no C compiler" in results["fallbacks"]["method.z_generator"]["reason"]
+    assert results["config"]["method"]["z_generator"] == "torch"  # a report keeps it apart from Philox runs
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelno == logging.WARNING] == [
+        "method.z_generator=philox needs a C compiler"]
+    _fresh_kernel(monkeypatch, tmp_path / "cache", compiler)
+    again = run(make_cfg("model=opt-tiny", "task=sst2", "method=mezo"))
+    assert "fallbacks" not in again and again["config"]["method"]["z_generator"] == "philox"
 
 
 def test_the_kernel_refuses_tensors_it_cannot_write():

@@ -7,8 +7,9 @@ are the same on every machine; the floats come from the vector log and cos of th
 bit-identical on one machine and should agree across CPUs to within a few ulps.
 
 The kernel is compiled on first use with the system C compiler ($CC, else cc) into $DPFT_CACHE_DIR (default
-~/.cache/dpft), one file per (source, compiler, flags, CPU), and loaded with ctypes (calls release the GIL, so
-threads draw chunks in parallel).
+~/.cache/dpft), one file per (source, CPU, compiler, flags), and loaded with ctypes (calls release the GIL, so
+threads draw chunks in parallel). Without a compiler, a kernel built there before for this source and CPU is
+used; without either, a CPU run falls back to torch's generator (`dpft.train`, recorded in results.json).
 """
 
 from __future__ import annotations
@@ -70,17 +71,24 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise KernelUnavailable(f"no C compiler: {compiler!r} is not on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    """The kernel for this source and CPU: compiled into the cache, or, without a compiler, one compiled there
+    before (a node whose compiler is gone, or a cache copied beside the code)."""
     source = SOURCE.read_bytes()
     cache = _cache_dir()
+    stem = "philox-" + hashlib.sha256(b"\0".join([source, platform.machine().encode(),
+                                                   _cpu_signature().encode()])).hexdigest()[:16]
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        built = sorted(cache.glob(f"{stem}-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if built:
+            return _load(built[0])
+        raise KernelUnavailable(f"no C compiler: {compiler!r} is not on PATH, and no kernel built for this CPU "
+                                f"in {cache}")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     errors = []
     for flags in FLAG_SETS:
-        digest = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
-                                            platform.machine().encode(), _cpu_signature().encode()]))
-        target = cache / f"philox-{digest.hexdigest()[:16]}.so"
+        digest = hashlib.sha256(b"\0".join([version.encode(), " ".join(flags).encode()])).hexdigest()[:8]
+        target = cache / f"{stem}-{digest}.so"
         if not target.exists():
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 obj, lib = Path(tmp) / "philox.o", Path(tmp) / "philox.so"
@@ -93,14 +101,18 @@ def _build() -> ctypes.CDLL:
                     errors.append(f"{' '.join(flags)}: {compiled.stderr.strip()[-300:]}")
                     continue
                 os.replace(lib, target)  # atomic: concurrent runs of a sweep may build at once
-        library = ctypes.CDLL(str(target))
-        library.dpft_normal.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                                        ctypes.c_float, ctypes.c_int]
-        library.dpft_normal.restype = None
-        library.dpft_philox4x32_10.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
-        library.dpft_philox4x32_10.restype = None
-        return library
+        return _load(target)
     raise KernelUnavailable("compiling philox.c failed:\n" + "\n".join(errors))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.dpft_normal.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                                    ctypes.c_float, ctypes.c_int]
+    library.dpft_normal.restype = None
+    library.dpft_philox4x32_10.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
+    library.dpft_philox4x32_10.restype = None
+    return library
 
 
 def kernel() -> ctypes.CDLL:

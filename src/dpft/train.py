@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpft.checkpointing import (
     AtomicCheckpointIO,
@@ -165,8 +165,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
 
 
+def z_generator_fallback(cfg: DictConfig) -> str | None:
+    """A zeroth-order run on CPU draws z with the Philox kernel, which needs a C compiler (or a kernel built
+    before). Without one, decided before anything loads: the run uses torch's generator, says so in one line
+    and records it (results.json `fallbacks`; the config then names z_generator=torch, so a report does not
+    pool it with Philox runs). Returns the reason, or None."""
+    if cfg.method.get("z_generator") != "philox":
+        return None
+    if cfg.trainer.get("accelerator") != "cpu" and torch.cuda.is_available():
+        return None  # on a GPU, z is drawn by torch's CUDA generator whatever the setting
+    from dpft import philox
+
+    try:
+        philox.kernel()
+        return None
+    except philox.KernelUnavailable as err:
+        reason = str(err).split(". Install")[0]
+    with open_dict(cfg):
+        cfg.method.z_generator = "torch"
+    log.warning("method.z_generator=philox needs a C compiler: using torch's generator (slower on CPU; its z "
+                "differ from Philox's). Install gcc or clang to use the kernel.")
+    return reason
+
+
 def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     private = validate_config(cfg)
+    fallback = z_generator_fallback(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task_from_config(cfg.task)
     check_compatible(cfg.model.kind, task, cfg.model.name)
@@ -232,6 +256,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         params_trainable=trainable, peak_memory=peak_memory_by_device(),
     )
     results["selection"] = best.summary() if best else {"rule": "last"}
+    if fallback:
+        results["fallbacks"] = {"method.z_generator": {"asked": "philox", "used": "torch", "reason": fallback}}
     if best and private:
         results["privacy"]["validation_treated_as_public"] = True  # the choice among releases reads it
     results["resume"] = {"resumed_from": str(ckpt) if ckpt else None, "from_step": saved.get("global_step"),
