@@ -24,7 +24,7 @@ FILES ?=
 MUTANT_JOBS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean bench bench-quick gpu-check audit mutants
+.PHONY: help install demo test test-full lint format clean bench bench-quick gpu-check audit mutants docs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -80,6 +80,9 @@ table-%: install ## run sweeps/<name>.yaml (LAUNCHER=joblib N_JOBS=2 | slurm; OV
 
 report-%: install ## rebuild the report of logs/tables/<name> from its results.json files (runs nothing)
 	$(BIN)/dpft-report $(or $(DPFT_LOG_DIR),logs)/tables/$* --table $*
+
+docs: install ## fill the measured tables of docs/*.md from the committed results (docs/bench/, docs/results/)
+	$(BIN)/python tools/render_docs.py
 
 lint: install ## ruff check
 	$(BIN)/ruff check src tests tools
