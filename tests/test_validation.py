@@ -58,6 +58,21 @@ BEFORE_DATA = [
     (["task.num_dev=0"], "task.num_dev=0 is invalid"),
     (["method=dpzo", "privacy=eps2", "privacy.mechanism=exponential"], "privacy.mechanism='exponential' is not one of"),
     (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
+    (["trainer.devices=-1"], "trainer.devices=-1 needs trainer=ddp"),  # every GPU: several
+    (["method=dpzo", "privacy=eps2", "privacy.target_delta=1"], "privacy.target_delta=1 is invalid: must be in (0, 1)"),
+    (["method=dpzo", "privacy=eps2", "privacy.diagnostics=maybe"], "privacy.diagnostics=maybe is invalid"),
+    (["method=dpzo", "privacy=eps2", "privacy.allow_large_delta=1"], "privacy.allow_large_delta=1 is invalid"),
+    (["method=dpzo", "privacy=pure_eps4"],
+     "method=dpzo adds gaussian noise but privacy=pure_eps4 is a laplace budget: use e.g. privacy=eps2"),
+    (["method=dpzo_laplace", "privacy=eps2"],
+     "method=dpzo_laplace adds laplace noise but privacy=eps2 is a gaussian budget: use e.g. privacy=pure_eps4"),
+    (["method=dpzo", "privacy=eps2", "~privacy.mechanism"], "method=dpzo is private: choose a privacy budget"),
+    (["method=dpzo", "privacy=eps2", "method._target_=dpft.methods.nowhere.Nothing"],
+     "method._target_='dpft.methods.nowhere.Nothing' is not an importable class"),
+    # a method config without trainable/peft keys (`~` deletes them): all weights, no PEFT, as in a user's own
+    (["model=minilm-l6", "method=dpsgd", "privacy=eps2", "~method.trainable", "~method.peft"],
+     "model=minilm-l6 with method.trainable=all, method.peft.mode=none: per-example gradients: layer "
+     "'encoder.embeddings.position_embeddings' (Embedding) reads an input of shape (1, 3), not one per forward row"),
     (["method=dpsgd", "privacy=eps2", "method.trainable=all"],
      "model=opt-tiny with method.trainable=all, method.peft.mode=none: per-example gradients: a parameter is shared by"),
     (["trainer=ddp", "model=opt-13b"], "model.device_map=auto spreads one model over the GPUs of one process"),
@@ -83,6 +98,32 @@ def test_invalid_values_are_refused_with_the_key_and_range(tmp_path, overrides, 
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value)
+
+
+def test_a_trainer_without_devices_is_one_device():
+    validate_config(compose_config(["model=opt-tiny", "task=sst2", "~trainer.devices"]))
+
+
+@pytest.mark.parametrize("privacy,units,allowed", [
+    ({"target_delta": 1e-3}, 1000, None), ({"target_delta": 1e-3}, 1001, None), ({"target_delta": 1e-3}, 999, False),
+    ({"target_delta": 1e-3, "allow_large_delta": True}, 1000, True),
+    ({"target_delta": 1e-3, "allow_large_delta": False}, 1000, None),
+    ({"target_delta": 0.5, "mechanism": "laplace"}, 10, False),  # pure ε-DP: no δ to compare
+])
+def test_delta_against_one_over_n(privacy, units, allowed):
+    """δ < 1/n passes (False: nothing to record); δ ≥ 1/n is refused, naming the bound, unless allowed (True)."""
+    from omegaconf import OmegaConf
+
+    from dpft.validation import check_delta
+
+    p = OmegaConf.create({"mechanism": "gaussian", **privacy})
+    if allowed is None:
+        with pytest.raises(ConfigError) as err:
+            check_delta(p, units, "example")
+        assert str(err.value).startswith(f"privacy.target_delta=0.001 is not below 1/n = 1/{units} (examples")
+        assert f"Use privacy.target_delta < {1 / units:.3g}, or privacy.allow_large_delta=true" in str(err.value)
+    else:
+        assert check_delta(p, units, "example") is allowed
 
 
 def test_valid_defaults_pass(tmp_path):
