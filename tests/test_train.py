@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dpft.validation import ConfigError
 from dpft.results import read_results
 from dpft.train import run
+from dpft.validation import ConfigError
 from tests.conftest import requires_data
 
 pytestmark = requires_data
