@@ -10,7 +10,7 @@ from torch import nn
 
 from dpft.data.sampling import PoissonBatchSampler
 from dpft.methods.pruning import data_free_mask
-from dpft.methods.zeroth_order import PrivateEstimator, StageSchedule, ZerothOrderSGD
+from dpft.methods.zeroth_order import ParameterNoiseEstimator, PrivateEstimator, StageSchedule, ZerothOrderSGD
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -37,6 +37,25 @@ def test_no_noise_and_infinite_clip_is_bit_identical_to_mezo(clip_target):
     private = _train(PrivateEstimator(math.inf, clip_target, noise_multiplier=0.0, mechanism="gaussian",
                                       expected_batch_size=8, seed=0))
     assert all(torch.equal(a, b) for a, b in zip(mezo, private))
+
+
+@pytest.mark.parametrize("direction", ["sphere", "gaussian"])
+def test_dpgd_zero_noise_and_infinite_clip_equals_mezo_and_its_clip_is_on_the_gradient_norm(direction):
+    """DPGD-0th without noise and with an infinite bound is MeZO; with a finite bound each example's r_i z is
+    clipped to ‖r_i z‖ ≤ C, i.e. |r_i| ≤ C/‖z‖ (‖z‖ computed here from the direction the step applied)."""
+    mezo = _train(direction=direction)
+    dpgd = _train(ParameterNoiseEstimator(math.inf, noise_multiplier=0.0, expected_batch_size=8, seed=0),
+                  direction=direction)
+    assert all(torch.equal(a, b) for a, b in zip(mezo, dpgd))
+    model = _model()
+    estimator = ParameterNoiseEstimator(0.01, noise_multiplier=0.0, expected_batch_size=1, seed=0)
+    opt = ZerothOrderSGD(model.parameters(), lr=0.05, eps=1e-3, seed=4, estimator=estimator, direction=direction)
+    x, y = _batches(1)[0]
+    opt.step(lambda: nn.functional.cross_entropy(model(x), y, reduction="none"))
+    seed = opt.step_seed(0)
+    norm = math.sqrt(sum(float(z.double().pow(2).sum()) for z in (opt._z(p, i, seed) for i, _, p in opt._params())))
+    assert estimator.direction_norm == pytest.approx(norm, rel=1e-6)
+    assert abs(opt.state["zo"]["projected_grads"][0]) <= 8 * 0.01 / norm * (1 + 1e-9)  # 8 examples, each ≤ C/‖z‖
 
 
 def test_noise_changes_the_update():

@@ -59,6 +59,13 @@ BEFORE_DATA = [
     (["method=dpzo", "privacy=eps2", "privacy.mechanism=exponential"], "privacy.mechanism='exponential' is not one of"),
     (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
     (["trainer.devices=-1"], "trainer.devices=-1 needs trainer=ddp"),  # every GPU: several
+    (["method=dpgd_zo", "privacy=eps2", "trainer=ddp", "trainer.devices=2"],
+     "trainer.devices=2 cannot run method=dpgd_zo: each process would add its own noise to every parameter"),
+    (["method=dpgd_zo", "privacy=eps2", "+method.mask_fraction=0.01"], "method.mask_fraction=0.01 cannot run method=dpgd_zo"),
+    (["method=dpgd_zo", "privacy=eps2", "method.clip_target=normalized"],
+     "method.clip_target='normalized' is not one of ('gradient_l2',)"),
+    (["method=dpzero", "privacy=eps2", "method.clip_target=gradient_l2"],
+     "method.clip_target='gradient_l2' is not one of ('difference', 'normalized')"),
     (["method=dpzo", "privacy=eps2", "privacy.target_delta=1"], "privacy.target_delta=1 is invalid: must be in (0, 1)"),
     (["method=dpzo", "privacy=eps2", "privacy.diagnostics=maybe"], "privacy.diagnostics=maybe is invalid"),
     (["method=dpzo", "privacy=eps2", "privacy.allow_large_delta=1"], "privacy.allow_large_delta=1 is invalid"),

@@ -45,7 +45,7 @@ from dpft.selection import SELECTIONS
 
 log = logging.getLogger(__name__)
 
-PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
+PRIVATE_METHODS = "dpzo, dpzo_laplace, dpzero, dpgd_zo, dpzoso, dpzopo, dpsgd, dpsgd_lora, anadp, dp_fedavg, dr_encoder"
 # a GradScaler multiplies the loss: per-example gradients would be clipped at C / scale, and a ZO step has no
 # gradients to unscale
 LOSS_SCALING = ("16-mixed",)
@@ -160,7 +160,8 @@ def validate_config(cfg: DictConfig) -> bool:
     choices = [("method.optimizer", m.get("optimizer"), sorted(OPTIMIZERS)),
                ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
                ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
-               ("method.clip_target", m.get("clip_target"), CLIP_TARGETS),
+               ("method.clip_target", m.get("clip_target"),
+                getattr(method_class(cfg), "clip_targets", CLIP_TARGETS) if m.get("clip_target") else ()),
                ("method.z_generator", m.get("z_generator"), Z_GENERATORS),
          ("method.direction", m.get("direction"), DIRECTIONS),
                ("model.kind", cfg.model.kind, MODEL_KINDS),
@@ -172,6 +173,13 @@ def validate_config(cfg: DictConfig) -> bool:
             raise ConfigError(f"{key}={value!r} is not one of {tuple(valid)}")
     check_precision(cfg)
     check_devices(cfg)
+    if m.get("private") and getattr(method_class(cfg), "noise_on_parameters", False):
+        if _several(cfg.trainer.get("devices", 1)):
+            raise ConfigError(f"trainer.devices={cfg.trainer.devices} cannot run method={m.name}: each process would "
+                              "add its own noise to every parameter; use one device")
+        if m.get("mask_fraction"):
+            raise ConfigError(f"method.mask_fraction={m.mask_fraction} cannot run method={m.name}: its noise covers "
+                              "every trainable coordinate, a mask has no analysis; use method.mask_fraction=null")
     check_sources(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
         validate_privacy(cfg.privacy)
@@ -260,11 +268,16 @@ def check_per_example_layers(cfg: DictConfig) -> None:
                           f"{err}") from None
 
 
+def _several(devices: Any) -> bool:
+    """Whether Lightning's `devices` value asks for more than one process (-1: every GPU)."""
+    return (isinstance(devices, int) and devices > 1) or (str(devices).isdigit() and int(devices) > 1) or \
+        (isinstance(devices, list | ListConfig) and len(devices) > 1) or devices == -1
+
+
 def check_devices(cfg: DictConfig) -> None:
     """Several processes need dpft's data-parallel strategy (trainer=ddp), and a device-mapped model one process."""
     devices = cfg.trainer.get("devices", 1)
-    several = (isinstance(devices, int) and devices > 1) or (str(devices).isdigit() and int(devices) > 1) or \
-        (isinstance(devices, list | ListConfig) and len(devices) > 1) or devices == -1
+    several = _several(devices)
     strategy = cfg.trainer.get("strategy")
     ddp = isinstance(strategy, dict | DictConfig) and str(strategy.get("_target_", "")).endswith("ReplicatedDDPStrategy")
     if several and not ddp:

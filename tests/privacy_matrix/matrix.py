@@ -68,7 +68,8 @@ def configured_private_methods() -> tuple[str, ...]:
 
 
 METHODS = configured_private_methods()  # the one list every claim is parametrised over
-FAMILIES = {"ZerothOrder": "zeroth_order", "DPFirstOrder": "first_order", "FederatedLoRA": "federated"}
+FAMILIES = {"ZerothOrder": "zeroth_order", "ParameterNoiseZerothOrder": "zeroth_order", "DPFirstOrder": "first_order",
+            "FederatedLoRA": "federated"}
 
 
 def family(method: str) -> str:
@@ -85,6 +86,13 @@ def mechanism(method: str) -> str:
 
 def in_family(name: str) -> list[str]:
     return [m for m in METHODS if family(m) == name]
+
+
+# zeroth-order methods whose noise goes on the d parameters (DPGD-0th), not on the projected gradient; each claim
+# about a zeroth-order method's noise reads the update for them
+PARAMETER_NOISE = {"dpgd_zo"}
+# the zeroth-order methods with a Laplace analysis (K scalars: L1 bound K·bound); a d-dimensional release has none
+LAPLACE_ANALYSED = {"dpzo", "dpzo_laplace", "dpzero", "dpzoso", "dpzopo"}
 
 
 # --- configurations ----------------------------------------------------------------------------------
@@ -248,13 +256,17 @@ def build(method: str, *overrides: str, spec_changes: dict | None = None, setup:
 # --- oracles -------------------------------------------------------------------------------------------
 # which scalar each zeroth-order method clips (the papers' rules): DP-ZO the loss difference ℓ⁺-ℓ⁻, DPZero and
 # its descendants the normalised (ℓ⁺-ℓ⁻)/2φ; a new zeroth-order method fails the matrix until it is listed
+# DPGD-0th the L2 norm of the example's gradient estimate r·z (DPZero's analysis, its "direct combination")
 CLIPPED = {"dpzo": "difference", "dpzo_laplace": "difference", "dpzero": "normalized", "dpzoso": "normalized",
-           "dpzopo": "normalized"}
+           "dpzopo": "normalized", "dpgd_zo": "gradient_l2"}
 PHI = 2e-3  # a perturbation scale φ that is not the configs' 1e-3
 
 
-def clip_bound(method: str, clip: float, phi: float) -> float:
-    """The bound on a zeroth-order method's per-example scalar r = (ℓ⁺-ℓ⁻)/2φ."""
+def clip_bound(method: str, clip: float, phi: float, dimension: int | None = None) -> float:
+    """The bound on a zeroth-order method's per-example scalar r = (ℓ⁺-ℓ⁻)/2φ; for an L2 bound on r·z with z on the
+    sphere of radius √d (DPZero's directions), |r| ≤ C/√d, d the trainable coordinates."""
+    if CLIPPED[method] == "gradient_l2":
+        return clip / math.sqrt(dimension)
     return clip / (2 * phi) if CLIPPED[method] == "difference" else clip
 
 

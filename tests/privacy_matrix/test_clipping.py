@@ -26,7 +26,8 @@ def test_zeroth_order_each_scalar_is_clipped_to_its_rule(method):
     clip = 0.07 if CLIPPED[method] == "difference" else 3.0  # not the configs' values
     built = build(method, *run_overrides(method), "method.directions=2", f"method.clip={clip}", f"method.eps={PHI}",
                   spec_changes=NO_NOISE)
-    bound = clip_bound(method, clip, PHI)  # DP-ZO: |ℓ⁺-ℓ⁻| ≤ C, i.e. |r| ≤ C/2φ; DPZero: |r| ≤ C
+    # DP-ZO: |ℓ⁺-ℓ⁻| ≤ C, i.e. |r| ≤ C/2φ; DPZero: |r| ≤ C; DPGD-0th: ‖r z‖ ≤ C, i.e. |r| ≤ C/√d
+    bound = clip_bound(method, clip, PHI, sum(p.numel() for p in built.params))
     scalars = bound * torch.tensor([[0.2, -0.9, 0.999, 1.5, -40.0, 1e4],  # r_i = (ℓ⁺_i - ℓ⁻_i)/2φ, direction 1
                                     [-3.0, 0.5, 2.0, -0.1, 1e3, -1.001]], dtype=torch.float64)  # direction 2
     scale = built.spec.expected_batch_size

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dpft.validation import PRIVATE_METHODS
 from tests.privacy_matrix.matrix import METHODS, family
 
-ISSUE = {"dpzo", "dpzo_laplace", "dpzero", "dpzoso", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dp_fedavg", "dr_encoder"}
+ISSUE = {"dpzo", "dpzo_laplace", "dpzero", "dpzoso", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dp_fedavg", "dr_encoder",
+         "dpgd_zo"}  # DPZero's DPGD-0th baseline (issue 23)
 
 
 def test_the_matrix_covers_every_private_method_config():

@@ -18,6 +18,7 @@ import torch
 from dpft.methods.federated import RandomPrior
 from tests.conftest import requires_data
 from tests.privacy_matrix.matrix import (
+    PARAMETER_NOISE,
     PHI,
     build,
     check_std,
@@ -32,7 +33,7 @@ pytestmark = requires_data
 C = 0.3  # not the configs' clip
 
 
-@pytest.mark.parametrize("method", in_family("zeroth_order"))
+@pytest.mark.parametrize("method", [m for m in in_family("zeroth_order") if m not in PARAMETER_NOISE])
 def test_zeroth_order_noise_has_the_calibrated_std_for_every_batch_size(method):
     built = build(method, *run_overrides(method), "method.directions=2", f"method.clip={C}", f"method.eps={PHI}")
     block = built.module.privacy_block()
@@ -48,6 +49,31 @@ def test_zeroth_order_noise_has_the_calibrated_std_for_every_batch_size(method):
         zero = torch.zeros(size, dtype=torch.float64)
         draws = torch.tensor([estimator(zero, zero, PHI) for _ in range(3000)], dtype=torch.float64) * scale
         check_std(draws, std, f"{method}, {size} examples", kurtosis=6.0 if laplace else 3.0)
+
+
+@pytest.mark.parametrize("method", sorted(PARAMETER_NOISE))
+def test_parameter_noise_has_the_calibrated_std_on_every_parameter_and_batch_size(method):
+    """DPGD-0th: with zero loss differences the clipped sum is 0, so a step moves θ by the noise alone: per
+    coordinate of every parameter, η·σC/(B√K) (the K directions' releases, each noised with σC, averaged)."""
+    lr, directions = 1.0, 2  # a step's noise far above the float32 rounding of perturb and restore
+    built = build(method, *run_overrides(method), f"method.directions={directions}", f"method.clip={C}",
+                  f"method.eps={PHI}", f"method.lr={lr}")
+    block = built.module.privacy_block()
+    assert block["noise_space"] == "parameters" and block["mechanism"] == "gaussian"
+    std = block["noise_multiplier"] * C  # each release's noise, in units of the clip bound
+    scale = block["expected_batch_size"] * math.sqrt(directions) / lr
+    names = {id(p): n for n, p in built.module.model.named_parameters()}
+    moves: dict[int, list[torch.Tensor]] = {id(p): [] for p in built.params}
+    smallest = min(p.numel() for p in built.params)
+    for step in range(max(3, math.ceil(3000 / smallest))):
+        size = (0, 1, 5)[step % 3]  # the noise does not depend on how many examples were sampled
+        before = [p.detach().clone() for p in built.params]
+        built.optimizer.step(lambda size=size: torch.zeros(size, dtype=torch.float64))
+        assert built.optimizer.state["zo"]["projected_grads"] == [0.0] * directions
+        for p, b in zip(built.params, before):
+            moves[id(p)].append((p.detach() - b).flatten().double() * scale)
+    for p in built.params:  # biases and norms included
+        check_std(torch.cat(moves[id(p)]), std, names[id(p)])
 
 
 def _first_order(method: str, *extra: str):

@@ -23,7 +23,17 @@ from omegaconf import OmegaConf
 import dpft.train
 from dpft.validation import ConfigError, check_delta, validate_config
 from tests.conftest import requires_data
-from tests.privacy_matrix.matrix import METHODS, family, in_family, mechanism, method_cfg, typed, units
+from tests.privacy_matrix.matrix import (
+    LAPLACE_ANALYSED,
+    METHODS,
+    PARAMETER_NOISE,
+    family,
+    in_family,
+    mechanism,
+    method_cfg,
+    typed,
+    units,
+)
 
 # Lightning's modes: a GradScaler; casting every weight to a half dtype; fp8
 SCALING, HALF_CAST, FP8 = {"16-mixed"}, {"bf16-true": "bfloat16", "16-true": "float16"}, {"transformer-engine",
@@ -77,7 +87,8 @@ def test_every_precision_spelling_is_refused_exactly_when_it_scales_or_casts_to_
     assert outcomes["bf16-true"] == (trainable_dtype != "bfloat16")
 
 
-L2_METHODS = in_family("first_order") + in_family("federated")
+# first-order and federated methods, and DPGD-0th's d-dimensional release: no L1 analysis
+L2_METHODS = in_family("first_order") + in_family("federated") + sorted(PARAMETER_NOISE)
 
 
 @pytest.mark.parametrize("method", L2_METHODS)
@@ -94,7 +105,7 @@ def test_laplace_is_refused_for_l2_clipped_methods_however_it_is_asked_for(metho
             validate_config(method_cfg(method, *overrides))
 
 
-@pytest.mark.parametrize("method", in_family("zeroth_order"))
+@pytest.mark.parametrize("method", sorted(LAPLACE_ANALYSED))
 def test_zeroth_order_methods_take_laplace_spelled_either_way(method):
     # the contrast: where an L1 analysis exists, the same spellings pass
     for overrides in (["privacy=pure_eps4", "method.mechanism=laplace"],

@@ -122,6 +122,37 @@ class PrivateEstimator(GradientEstimator):
         self.nonfinite = int(state["nonfinite"])
 
 
+class ParameterNoiseEstimator(PrivateEstimator):
+    """DPGD-0th, DPZero's "direct combination" baseline (Zhang et al. 2024): each example's zeroth-order gradient
+    estimate g_i = r_i z is clipped in L2, ‖g_i‖ ≤ C, i.e. |r_i| ≤ C/‖z‖, and the Gaussian noise N(0, σ²C² I_d) is
+    added to the d-dimensional sum, not to its projection on z. The papers' code has none: ours. The optimizer sets
+    `direction_norm` (‖z‖ of the direction as applied) before each call and calls `add_noise` after the update;
+    the returned scalar (Σ clip(r_i) / B) is not private on its own and is logged only as a raw statistic."""
+
+    noise_space = "parameters"
+
+    def __init__(self, clip: float, noise_multiplier: float, expected_batch_size: float, seed: int,
+                 secure: bool = False):
+        super().__init__(clip, "normalized", noise_multiplier, "gaussian", expected_batch_size, seed, secure)
+        self.direction_norm = 1.0
+
+    def bound(self, eps: float) -> float:
+        return self.clip / self.direction_norm
+
+    def __call__(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> float:
+        return float(all_reduce_sum(self.clipped_sum(loss_plus, loss_minus, eps)) / self.expected_batch_size)
+
+    def noise_std(self, lr: float, directions: int) -> float:
+        """Per coordinate of the update θ -= η/K Σ_k (Σ_i clip(g_ik) + ξ_k)/B: K draws of std σC averaged, one
+        draw of std ησC/(B√K) (the sum is a post-processing of the K noised releases)."""
+        return lr * self.noise_multiplier * self.clip / (self.expected_batch_size * math.sqrt(directions))
+
+    def add_noise(self, params: list[torch.Tensor], lr: float, directions: int) -> None:
+        if self.noise_multiplier > 0:
+            std = self.noise_std(lr, directions)
+            self.noise.add_to(params, [std] * len(params))
+
+
 # --- DP-ZOSO stages ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageSchedule:
@@ -174,6 +205,9 @@ class ZerothOrderSGD(Optimizer):
         if direction not in DIRECTIONS:
             raise ValueError(f"method.direction={direction!r} is not one of {DIRECTIONS}")
         self.direction, self._scales = direction, {}
+        if getattr(self.estimator, "noise_space", "projection") == "parameters" and any(
+                m is not None for m in self.masks):
+            raise ValueError("noise on the parameters covers every coordinate: a coordinate mask has no analysis")
         if z_generator == "philox" and any(p.device.type == "cpu" for _, _, p in self._params()):
             philox.kernel()  # builds it now, or says what to change
         self.state["zo"] = {"step": 0, "projected_grads": [], "z_generator": z_generator}
@@ -247,6 +281,16 @@ class ZerothOrderSGD(Optimizer):
         radius √d (DPZero's), d the coordinates perturbed. ‖z‖ costs one more pass generating z (not stored)."""
         if self.direction == "gaussian":
             return 1.0
+        squares, d = self._squares(seed)
+        return math.sqrt(d / squares)
+
+    def direction_norm(self, seed: int) -> float:
+        """‖z‖ of the direction as applied (√d on the sphere)."""
+        squares, d = self._squares(seed)
+        return math.sqrt(d) if self.direction == "sphere" else math.sqrt(squares)
+
+    def _squares(self, seed: int) -> tuple[float, int]:
+        """(Σ z², d) of this step's direction `seed` before scaling, cached for the step."""
         if seed not in self._scales:
             squares: list[tuple[float, int]] = []
 
@@ -255,7 +299,7 @@ class ZerothOrderSGD(Optimizer):
                 squares.append((float(z.double().pow(2).sum()), z.numel()))
 
             self._for_each_chunk(one)
-            self._scales[seed] = math.sqrt(sum(n for _, n in squares) / sum(q for q, _ in squares))
+            self._scales[seed] = (sum(q for q, _ in squares), sum(n for _, n in squares))
         return self._scales[seed]
 
     def perturb(self, seed: int, scale: float) -> None:
@@ -319,18 +363,24 @@ class ZerothOrderSGD(Optimizer):
             self._start_stage(state["step"])
         eps = self.param_groups[0]["eps"]
         seeds = [self.step_seed(state["step"], k) for k in range(self.directions)]
-        self._scales = {}  # this step's √d / ‖z_k‖ (sphere directions)
+        self._scales = {}  # this step's (Σz², d) per direction (sphere directions, DPGD-0th's clip)
+        parameter_noise = getattr(self.estimator, "noise_space", "projection") == "parameters"
         grads, losses = [], []
         for k, seed in enumerate(seeds):
             self.perturb(seed, eps)
             loss_plus = closure()
             self.perturb(seed, -2 * eps)
             loss_minus = closure()
+            if parameter_noise:  # clips r_i to C/‖z_k‖: ‖r_i z_k‖ ≤ C
+                self.estimator.direction_norm = self.direction_norm(seed)
             grads.append(self.estimator(loss_plus, loss_minus, eps))
             losses.append((loss_plus + loss_minus) / 2)
             if k < len(seeds) - 1:
                 self.perturb(seed, eps)
         self.restore_and_update(seeds, grads)
+        if parameter_noise:
+            for group in self.param_groups:
+                self.estimator.add_noise(group["params"], group["lr"], len(seeds))
         state["step"] += 1
         state["projected_grads"] = grads
         return torch.stack(losses).mean(0)
@@ -362,6 +412,10 @@ class ZerothOrder(MethodModule):
     dropout_in_training = False
     # K scalars per step, each clipped to the bound: L2 sensitivity √K·bound, L1 K·bound (both accounted)
     noise_mechanisms = ("gaussian", "laplace")
+    projection_is_raw = False  # the noised projected gradient is what a step releases
+    clip_targets = CLIP_TARGETS  # what `clip_target` may name (validation reads it before anything loads)
+    # noise on every trainable coordinate (DPGD-0th): no coordinate masks, and one process (each would add its own)
+    noise_on_parameters = False
 
     def __init__(self, *args: Any, eps: float = 1e-3, seed: int = 0, directions: int = 1,
                  clip: float | None = None, clip_target: str | None = None,
@@ -396,12 +450,15 @@ class ZerothOrder(MethodModule):
             self.masks = data_free_mask(self._optimizer_order(), self.model, self.mask_fraction,
                                         queries=self.mask_queries, seed=self.seed, select=self.mask_select)
 
+    def estimator(self) -> GradientEstimator:
+        if not self.private:
+            return GradientEstimator()
+        return PrivateEstimator(self.clip, self.clip_target, self.privacy.noise_multiplier, self.privacy.mechanism,
+                                self.privacy.expected_batch_size, seed=derive_seed(self.seed, 0x4015E),
+                                secure=self.privacy.secure_mode)
+
     def configure_optimizers(self):
-        estimator = GradientEstimator()
-        if self.private:
-            estimator = PrivateEstimator(self.clip, self.clip_target, self.privacy.noise_multiplier,
-                                         self.privacy.mechanism, self.privacy.expected_batch_size,
-                                         seed=derive_seed(self.seed, 0x4015E), secure=self.privacy.secure_mode)
+        estimator = self.estimator()
         names = {id(p): n for n, p in self.model.named_parameters()}
         if self.masks is not None:  # built in setup() or restored from a checkpoint, before the model was moved
             self.masks = [m if m is None else m.to(p.device) for m, p in zip(self.masks, self._optimizer_order())]
@@ -433,8 +490,13 @@ class ZerothOrder(MethodModule):
         loss = optimizer.step(closure=closure)
         if not empty:
             self.log_raw("train/loss", loss.mean(), prog_bar=True, batch_size=1)
-        # the released (in private runs: noised) projected gradient
-        self.log("train/projected_grad", optimizer.optimizer.state["zo"]["projected_grads"][0], batch_size=1)
+        # the released (in private runs: noised) projected gradient; with the noise on the parameters (DPGD-0th),
+        # the clipped sum alone, a raw statistic
+        projected = optimizer.optimizer.state["zo"]["projected_grads"][0]
+        if self.projection_is_raw:
+            self.log_raw("train/clipped_projected_grad", projected, batch_size=1)
+        else:
+            self.log("train/projected_grad", projected, batch_size=1)
         if self.private:
             self.log_raw("train/batch_size", float(len(batch["examples"])), batch_size=1)
         return loss.mean() if not empty else loss.new_zeros(())
@@ -476,3 +538,35 @@ class ZerothOrder(MethodModule):
             out.update(mask_fraction=self.mask_fraction, mask_select=self.mask_select, mask_sha1=digest,
                        masked_coordinates=sum(int(m.numel()) for m in self.masks))
         return out
+
+
+class ParameterNoiseZerothOrder(ZerothOrder):
+    """DPGD-0th (`method=dpgd_zo`): the zeroth-order step with each example's gradient estimate r_i z clipped in L2
+    to C and Gaussian noise on all d trainable coordinates (`ParameterNoiseEstimator`), the baseline DPZero's
+    analysis compares against (its noise grows with d). Gaussian only: a Laplace release of d coordinates would need
+    an L1 bound, √d·C, that no one would run. No coordinate masks, one process (the noise is drawn once)."""
+
+    noise_mechanisms = ("gaussian",)
+    projection_is_raw = True  # Σ clip(r_i)/B carries no noise: the noise is on the parameters
+    clip_targets = ("gradient_l2",)
+    noise_on_parameters = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.mask_fraction:
+            raise ValueError("method=dpgd_zo adds noise to every coordinate: method.mask_fraction has no analysis")
+        if self.private and self.clip_target != "gradient_l2":
+            raise ValueError(f"method=dpgd_zo clips each example's gradient estimate in L2 (clip_target=gradient_l2), "
+                             f"got {self.clip_target!r}")
+
+    def estimator(self) -> GradientEstimator:
+        if not self.private:
+            return GradientEstimator()
+        return ParameterNoiseEstimator(self.clip, self.privacy.noise_multiplier, self.privacy.expected_batch_size,
+                                       seed=derive_seed(self.seed, 0x4015E), secure=self.privacy.secure_mode)
+
+    def privacy_block(self) -> dict[str, Any]:
+        block = super().privacy_block()
+        if self.private:
+            block["noise_space"] = "parameters"
+        return block
