@@ -59,6 +59,16 @@ BEFORE_DATA = [
     (["method=dpzo", "privacy=eps2", "privacy.mechanism=exponential"], "privacy.mechanism='exponential' is not one of"),
     (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
     (["trainer.devices=-1"], "trainer.devices=-1 needs trainer=ddp"),  # every GPU: several
+    (["trainer.devices='2'"], "trainer.devices=2 needs trainer=ddp"),  # a count spelled as a string
+    (["method=zero_shot", "select=best_val"], "select=best_val chooses among the validations of a training run"),
+    (["trainer.max_steps=0", "select=best_val"], "select=best_val chooses among the validations of a training run"),
+    (["trainer.precision=fp7"], "trainer.precision=fp7 is not a Lightning precision"),
+    (["method=ft", "~trainer.precision", "model.dtype=bfloat16"],  # Lightning's default precision, 32-true
+     "trainer.precision=32-true computes without autocast, but model.dtype=bfloat16"),
+    (["method=dpzo", "privacy=eps2", "~method._target_"], "method._target_='' is not an importable class"),
+    (["method=dpsgd_lora", "privacy=eps2", "method.peft.target_modules=[embed_tokens]"],  # LoRA on an embedding
+     "model=opt-tiny with method.trainable=all, method.peft.mode=lora: per-example gradients: layer "
+     "'base_model.model.model.decoder.embed_tokens.lora_embedding_A' (ParameterDict) has trainable parameters but"),
     (["method=dpgd_zo", "privacy=eps2", "trainer=ddp", "trainer.devices=2"],
      "trainer.devices=2 cannot run method=dpgd_zo: each process would add its own noise to every parameter"),
     (["method=dpgd_zo", "privacy=eps2", "+method.mask_fraction=0.01"], "method.mask_fraction=0.01 cannot run method=dpgd_zo"),
@@ -109,6 +119,12 @@ def test_invalid_values_are_refused_with_the_key_and_range(tmp_path, overrides, 
 
 def test_a_trainer_without_devices_is_one_device():
     validate_config(compose_config(["model=opt-tiny", "task=sst2", "~trainer.devices"]))
+    validate_config(compose_config(["model=opt-tiny", "task=sst2", *FEDAVG, "~trainer.devices"], shrink=False))
+    validate_config(compose_config(["model=opt-tiny", "task=sst2", *FEDAVG, "~method.server_lr"], shrink=False))
+
+
+def test_best_val_runs_with_one_training_step():
+    validate_config(compose_config(["model=opt-tiny", "task=sst2", "trainer.max_steps=1", "select=best_val"]))
 
 
 @pytest.mark.parametrize("privacy,units,allowed", [
@@ -311,6 +327,8 @@ EDGES = [
     ("trainer.devices", "trainer.devices", FEDAVG, [1, "'1'"], [2, "'2'"]),
     ("method.prior_rounds", "method.prior_rounds", DR, [1, 3], [0, 1.5]),
     ("method.encoder.chunk", "method.encoder.chunk", DR, [2], [0, 1.5]),
+    ("method.encoder.chunk", "method.encoder.chunk", [*DR, "method.encoder.compression=1"], [1], [0]),
+    ("fed.clients", "fed.clients", DR, [2], [0]),  # the federation's own checks still run beside the encoder's
     ("method.encoder.compression", "method.encoder.compression", DR, [1, 8], [0, 9, 2.5]),
     ("method.encoder.hidden", "method.encoder.hidden", DR, [0, 1], [-1, 1.5]),
     ("method.encoder.steps", "method.encoder.steps", DR, [1], [0, 1.5]),

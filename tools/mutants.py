@@ -1,6 +1,7 @@
 """Mutation testing of the privacy-critical code with mutmut 3 (`make mutants`, docs/testing.md).
 
     python tools/mutants.py run [--jobs N] [FILE ...]   # mutate SCOPE (or these files of it), score it
+    python tools/mutants.py run --only NAME ... FILE      # run some mutants again (e.g. survivors after new tests)
     python tools/mutants.py show NAME                    # any other mutmut command, with the same configuration
     python tools/mutants.py browse
 
@@ -231,7 +232,7 @@ def report(modules: list[Module], results: dict[str, dict]) -> None:
             print(f"  {status:12} {name}")
 
 
-def run(files: list[str], jobs: int) -> int:
+def run(files: list[str], jobs: int, only: list[str] | None = None) -> int:
     scope = list(SCOPE)
     if files:  # e.g. FILES="$(git diff --name-only main)": what is outside the scope is left out
         outside = [f for f in files if not any(fnmatch.fnmatch(m.path, f) for m in SCOPE)]
@@ -255,6 +256,11 @@ def run(files: list[str], jobs: int) -> int:
         print(f"{', '.join(m.path for m in modules)} against {len(tests)} test selection(s) ...", end=" ", flush=True)
         Path("mutants/mutmut-stats.json").unlink(missing_ok=True)  # map tests to functions afresh
         names = [g for m in modules for g in m.globs()]
+        if only:  # some mutants again (e.g. the survivors, after adding tests): names or globs of the scope
+            names = [n for n in only if any(m.owns(n) or fnmatch.fnmatchcase(g, n) for m in modules for g in m.globs())
+                     or any(fnmatch.fnmatchcase(n, g) for m in modules for g in m.globs())]
+            if not names:
+                continue
         args = [sys.executable, __file__, "--tests", json.dumps(list(tests)), "run", "--max-children", str(jobs), *names]
         with open(LOG, "a") as log:
             status = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
@@ -281,8 +287,10 @@ def main() -> None:
         parser = argparse.ArgumentParser(prog="tools/mutants.py run")
         parser.add_argument("files", nargs="*", help="modules of the scope to mutate (default: all of it)")
         parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+        parser.add_argument("--only", nargs="+", metavar="NAME", help="mutant names or globs to run again; the rest "
+                            "keep their last result, except a function's changed since: name those too (fn__mutmut_*)")
         opts = parser.parse_args(argv[1:])
-        sys.exit(run(opts.files, opts.jobs))
+        sys.exit(run(opts.files, opts.jobs, opts.only))
     mutmut(argv, resolve(tuple(t for m in SCOPE for t in m.tests)))
 
 
