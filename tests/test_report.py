@@ -211,13 +211,16 @@ def test_when_splits_the_multirun_on_its_key():
 def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: str = "completed",
           model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0,
           data_seed: int = 42, privacy: dict | None = None, lr: float | None = None, cost: dict | None = None,
-          communication: dict | None = None, config: dict | None = None, name: str | None = None) -> None:
+          communication: dict | None = None, config: dict | None = None, name: str | None = None,
+          environment: dict | None = None) -> None:
     metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
     results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": data_seed,
                "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99, **(privacy or {})},
                "cost": cost or {}, "config": {"method": {"clip": clip, "lr": lr}, **(config or {})}}
     if communication is not None:
         results["communication"] = communication
+    if environment is not None:
+        results["environment"] = environment
     if status != "completed":
         results["error"] = "ValueError: out of budget"
     folder = folder / (name or f"{method}-{eps}-{seed}-{data_seed}-{clip}-{lr}-{status}")
@@ -277,6 +280,28 @@ def test_runs_whose_settings_differ_are_never_pooled_and_the_split_is_named(tmp_
     frame = pd.read_csv(tmp_path / "table.csv")
     assert frame["epsilon"].dtype == float and frame["delta"].dtype == float
     assert sorted(frame["delta"]) == [1e-5, 0.01]
+
+
+def test_a_cell_pooled_from_different_environments_is_flagged_with_what_differs(tmp_path, capsys):
+    """Runs that agree in configuration but ran with other package versions or devices still pool (the config is the
+    cell), and the report says which cells, and what differed; thread counts and the OS do not count."""
+    from dpft.report.collect import main as report_main
+
+    env = {"python": "3.11.9", "torch": "2.13.0", "transformers": "5.25.0", "devices": "NVIDIA H100", "threads": 8,
+           "platform": "Linux-a"}
+    _fake(tmp_path, "dpzero", 2.0, 0, 90.0, environment=env, name="a")
+    _fake(tmp_path, "dpzero", 2.0, 1, 91.0, environment={**env, "transformers": "5.26.0", "devices": "NVIDIA A100"},
+          name="b")
+    _fake(tmp_path, "mezo", math.inf, 0, 92.0, environment=env, name="c")
+    _fake(tmp_path, "mezo", math.inf, 1, 92.5, environment={**env, "threads": 2, "platform": "Linux-b"}, name="d")
+    out = report(tmp_path)
+    assert [c.values for c in out.cells if c.method == "dpzero"] == [[90.0, 91.0]]
+    assert out.environments == ["sst2-k512 / roberta-large / dpzero / ε=2: 2 runs, devices: NVIDIA A100 / NVIDIA "
+                                "H100; transformers: 5.25.0 / 5.26.0"]
+    assert "different package versions or devices" in (tmp_path / "table.md").read_text()
+    report_main([str(tmp_path)])
+    assert "dpft-report: warning: a cell pools runs of different environments: sst2-k512 / roberta-large / dpzero" \
+        in capsys.readouterr().err
 
 
 def test_each_cell_carries_its_memory_time_and_communication_costs(tmp_path):

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dpft.environment import environment
+
 if TYPE_CHECKING:  # torch and the methods load only where results are built: reports read them without
     import torch
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:  # torch and the methods load only where results are built: re
 
 SCHEMA_VERSION = 1
 # results blocks flattened into the summary as `<block>/<key>` (communication: federated methods only)
-SUMMARY_BLOCKS = ("privacy", "cost", "communication")
+SUMMARY_BLOCKS = ("privacy", "cost", "communication", "environment")
 
 
 def peak_memory_by_device() -> dict[str, int]:
@@ -96,6 +98,7 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "data_sizes": data_sizes,
         "trainable_parameters_sha256": parameters_digest(module.model),
         "git_commit": _git_commit(),
+        "environment": environment(list(peak_memory)),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if module.ledger is not None and module.diagnostics:
@@ -124,6 +127,7 @@ def build_failure(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
         "privacy": {"target_epsilon": float(privacy.get("target_epsilon", math.inf)),
                     "target_delta": float(privacy.get("target_delta", 0.0))},
         "git_commit": _git_commit(),
+        "environment": environment(),
         "config": _container(cfg),
     }
 
@@ -153,7 +157,7 @@ def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None 
     out["metrics"] = {k: v for k, v in summary.items() if k.startswith(("val/", "test/"))}
     for block in SUMMARY_BLOCKS:
         values = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
-        if values or block != "communication":
+        if values or block not in ("communication", "environment"):
             out[block] = values
     if config is not None:
         out["config"] = config

@@ -20,12 +20,14 @@ import csv
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dpft.data.tasks import build_task_from_config, data_dir
+from dpft.environment import signature
 from dpft.privacy.accounting import PrivacyConfigError, composed_epsilon
 from dpft.report.sweeps import job_method, load_sweep, privacy_epsilon, search_keys
 from dpft.report.sweeps import jobs as sweep_jobs
@@ -210,6 +212,7 @@ class Report:
     table: str | None = None
     selection: list[str] = field(default_factory=list)  # how the hyperparameters were chosen, and its ε
     split: list[str] = field(default_factory=list)  # cells whose runs did not agree, and in what
+    environments: list[str] = field(default_factory=list)  # cells pooled from runs of different environments
 
     def select(self, methods=None, tasks=None, models=None) -> Report:
         """The report restricted to some methods, tasks or models (None keeps all): for notebooks."""
@@ -285,6 +288,9 @@ class Report:
         if self.split:
             lines += ["", "Runs of one (task, model, method, ε) with other settings are kept apart (a cell pools only "
                       "runs whose configurations agree but for the seeds):", *[f"- {line}" for line in self.split]]
+        if self.environments:
+            lines += ["", "Warning: cells pooled from runs computed with different package versions or devices "
+                      "(each run's results.json `environment`):", *[f"- {line}" for line in self.environments]]
         if self.selection:
             lines += ["", "Hyperparameter selection:", *[f"- {line}" for line in self.selection]]
         if self.sources:
@@ -457,6 +463,16 @@ def _variants(runs: list[dict[str, Any]], searched: list[str]) -> list[tuple[dic
     return [({k: flat.get(k) for k in differ}, rs) for flat, rs in parts.values()]
 
 
+def _mixed_environments(runs: list[dict[str, Any]]) -> str | None:
+    """What differs between the environments of runs pooled in one cell ('' keys: runs without a block), or None."""
+    signatures = [signature(r.get("environment")) for r in runs]
+    if len({json.dumps(sig, sort_keys=True, default=str) for sig in signatures}) < 2:
+        return None
+    keys = sorted({k for sig in signatures for k in sig}) or ["environment"]
+    differ = {k: sorted({str(sig.get(k, "not recorded")) for sig in signatures}) for k in keys}
+    return f"{len(runs)} runs, " + "; ".join(f"{k}: {' / '.join(v)}" for k, v in differ.items() if len(v) > 1)
+
+
 def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) -> Report:
     """Cells from completed runs (failed ones listed); with a sweep: references, comparisons, missing cells,
     and per cell the searched configuration with the best mean validation metric."""
@@ -474,7 +490,7 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
         else:
             key = (r["task"], r["model"], r["method"], _epsilon(r))
             groups[key][tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
-    cells, selection, split = [], [], []
+    cells, selection, split, environments = [], [], [], []
     for key, runs in sorted(((k, [r for rs in c.values() for r in rs]) for k, c in groups.items()),
                             key=lambda item: item[0]):
         variants = _variants(runs, searched)
@@ -482,6 +498,11 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
             split.append(f"{key[0]} / {key[1]} / {key[2]} / ε={_eps(key[3])}: {len(variants)} cells, the runs differ in "
                          + ", ".join(variants[0][0]))
         for variant, part in variants:
+            mixed = _mixed_environments(part)
+            if mixed:
+                label = ", ".join(f"{k}={v}" for k, v in variant.items())
+                environments.append(f"{key[0]} / {key[1]} / {key[2]}{f' ({label})' if label else ''} / "
+                                    f"ε={_eps(key[3])}: {mixed}")
             configurations: dict[tuple, list[dict]] = defaultdict(list)
             for r in part:
                 configurations[tuple(_lookup(r.get("config") or {}, k) for k in searched)].append(r)
@@ -491,7 +512,8 @@ def build(results: list[dict[str, Any]], sweep: dict[str, Any] | None = None) ->
     if any(c.selection_runs for c in cells):
         searched_runs = [r for c in groups.values() if len(c) > 1 for rs in c.values() for r in rs]
         selection = [SELECTION_BOUND, *selection, *_selection_data(searched_runs)]
-    report = Report(cells, failed, table=sweep.get("table") if sweep else None, selection=selection, split=split)
+    report = Report(cells, failed, table=sweep.get("table") if sweep else None, selection=selection, split=split,
+                    environments=environments)
     if sweep:
         _attach_sweep(report, sweep)
     return report
@@ -674,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     print(result.markdown())
+    for line in result.environments:
+        print(f"dpft-report: warning: a cell pools runs of different environments: {line}", file=sys.stderr)
     print(f"{len(result.cells)} cells, {len(result.missing)} missing, {len(result.failed)} failed; "
           f"written to {args.out or args.folder}")
 
