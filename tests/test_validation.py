@@ -61,6 +61,12 @@ BEFORE_DATA = [
     (["trainer.devices=-1"], "trainer.devices=-1 needs trainer=ddp"),  # every GPU: several
     (["trainer.devices='2'"], "trainer.devices=2 needs trainer=ddp"),  # a count spelled as a string
     (["method=zero_shot", "select=best_val"], "select=best_val chooses among the validations of a training run"),
+    (["method=zero_shot", "trainer.max_steps=5", "select=best_val"],  # steps or not, zero-shot does not train
+     "select=best_val chooses among the validations of a training run"),
+    (["method=mezo", "trainer.precision=bf16-true", "~model.trainable_dtype"],  # trained in float32 by default
+     "trainer.precision=bf16-true stores the trained weights in bfloat16, where a zeroth-order perturb/restore "
+     "drifts and small updates round away (dpft-bench --only precision): use bf16-mixed (trainer=gpu) with "
+     "model.trainable_dtype=float32, or set model.trainable_dtype=bfloat16 to train in it anyway"),
     (["trainer.max_steps=0", "select=best_val"], "select=best_val chooses among the validations of a training run"),
     (["trainer.precision=fp7"], "trainer.precision=fp7 is not a Lightning precision"),
     (["method=ft", "~trainer.precision", "model.dtype=bfloat16"],  # Lightning's default precision, 32-true
@@ -293,7 +299,7 @@ def test_dpft_sweep_names_the_tables_for_an_unknown_one_and_prints_runnable_comm
 
     from dpft.report.run_table import main as sweep_main
 
-    with pytest.raises(SystemExit, match="dpft-sweep: unknown table 'cpuu': .* cpu, dpzero_opt"):
+    with pytest.raises(SystemExit, match="dpft-sweep: unknown table 'cpuu': .* cpu, demo, dpzero_opt"):
         sweep_main(["cpuu", "--dry-run"])
     sweep_main(["cpu", "--dry-run"])
     lines = capsys.readouterr().out.splitlines()[1:]
@@ -325,6 +331,7 @@ EDGES = [
     ("method.server_lr", "method.server_lr", FEDAVG, [1e-9, 2], [0, "inf", "nan", "'a'"]),
     ("method.aggregation", "method.aggregation", FEDAVG, ["mean"], ["median"]),
     ("trainer.devices", "trainer.devices", FEDAVG, [1, "'1'"], [2, "'2'"]),
+    ("trainer.devices", "trainer.devices", [*FEDAVG, "trainer=ddp"], [1], [2]),  # data parallel or not: one process
     ("method.prior_rounds", "method.prior_rounds", DR, [1, 3], [0, 1.5]),
     ("method.encoder.chunk", "method.encoder.chunk", DR, [2], [0, 1.5]),
     ("method.encoder.chunk", "method.encoder.chunk", [*DR, "method.encoder.compression=1"], [1], [0]),

@@ -1,7 +1,7 @@
 """Mutation testing of the privacy-critical code with mutmut 3 (`make mutants`, docs/testing.md).
 
     python tools/mutants.py run [--jobs N] [FILE ...]   # mutate SCOPE (or these files of it), score it
-    python tools/mutants.py run --only NAME ... FILE      # run some mutants again (e.g. survivors after new tests)
+    python tools/mutants.py run FILE --only NAME ...      # run some mutants again (e.g. survivors after new tests)
     python tools/mutants.py show NAME                    # any other mutmut command, with the same configuration
     python tools/mutants.py browse
 
@@ -252,15 +252,15 @@ def run(files: list[str], jobs: int, only: list[str] | None = None) -> int:
     for tests, modules in groups.items():
         if not tests:
             sys.exit(f"no test file of {[m.path for m in modules]} exists")
+        names = [g for m in modules for g in m.globs()]
+        if only:  # some mutants again (e.g. the survivors, after adding tests): names or globs of the scope
+            names = [n for n in only if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(g, n)
+                                            for m in modules for g in m.globs())]
+            if not names:
+                continue
         began = time.time()
         print(f"{', '.join(m.path for m in modules)} against {len(tests)} test selection(s) ...", end=" ", flush=True)
         Path("mutants/mutmut-stats.json").unlink(missing_ok=True)  # map tests to functions afresh
-        names = [g for m in modules for g in m.globs()]
-        if only:  # some mutants again (e.g. the survivors, after adding tests): names or globs of the scope
-            names = [n for n in only if any(m.owns(n) or fnmatch.fnmatchcase(g, n) for m in modules for g in m.globs())
-                     or any(fnmatch.fnmatchcase(n, g) for m in modules for g in m.globs())]
-            if not names:
-                continue
         args = [sys.executable, __file__, "--tests", json.dumps(list(tests)), "run", "--max-children", str(jobs), *names]
         with open(LOG, "a") as log:
             status = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
