@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 
+import pytest
 import torch
 
 from dpft.environment import PACKAGES, environment, git_dirty, signature
@@ -83,3 +84,20 @@ def test_flat_summary_round_trips_the_block():
 def test_a_summary_without_the_block_reads_back_without_one():
     summary = {"method": "m", "model": "x", "task": "t", "seed": 0, "data_seed": None, "status": "completed"}
     assert "environment" not in results_from_summary(summary)
+
+
+def test_a_runs_peak_memory_starts_afresh_in_a_shared_process():
+    """Multirun jobs share a process: a job's peak is counted from its own start, not the process's."""
+    import sys
+
+    from dpft.results import peak_memory_by_device, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU peak is reset through /proc (Linux)")
+    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched
+    big += 1
+    earlier = peak_memory_by_device()["cpu"]
+    del big
+    reset_peak_memory()
+    after = peak_memory_by_device()["cpu"]
+    assert earlier - after > 200 * 2**20, (earlier, after)

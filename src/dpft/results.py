@@ -28,9 +28,36 @@ SCHEMA_VERSION = 1
 SUMMARY_BLOCKS = ("privacy", "cost", "communication", "environment")
 
 
+def reset_peak_memory() -> None:
+    """Start a run's peak-memory count afresh: the jobs of one multirun share a process, whose lifetime peak would
+    carry one job's memory into the next's. CUDA: torch's per-device peaks; CPU: Linux's peak resident set size
+    (VmHWM, reset by writing 5 to /proc/self/clear_refs; elsewhere the process's lifetime peak stays)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """The peak resident set size since the last reset (Linux: VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
 def peak_memory_by_device() -> dict[str, int]:
     """Peak memory of each accelerator this process allocated on (`cuda:0`, `cuda:1`, … for a device map or
-    offload), else `{"cpu": the process's peak resident set size}`."""
+    offload), else `{"cpu": the process's peak resident set size}`, since `reset_peak_memory`."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -38,8 +65,7 @@ def peak_memory_by_device() -> dict[str, int]:
         used = {name: peak for name, peak in peaks.items() if peak > 0}
         if used:
             return used
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"cpu": int(rss if sys.platform == "darwin" else rss * 1024)}
+    return {"cpu": _peak_rss()}
 
 
 def parameters_digest(model: torch.nn.Module) -> str:

@@ -47,6 +47,7 @@ from dpft.results import (
     format_table,
     peak_memory_by_device,
     read_results,
+    reset_peak_memory,
     write_results,
 )
 from dpft.run_log import keep_run_log, log_results, quiet_library_noise
@@ -191,6 +192,7 @@ def z_generator_fallback(cfg: DictConfig) -> str | None:
 def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     private = validate_config(cfg)
     fallback = z_generator_fallback(cfg)
+    reset_peak_memory()  # this job's peak, not an earlier job's of the same multirun process
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task_from_config(cfg.task)
     check_compatible(cfg.model.kind, task, cfg.model.name)
