@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # a CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cu124 (the wheel index of your CUDA version)
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# pinned versions of every other package (`make lock` refreshes them); LOCK= installs the newest allowed instead
+LOCK ?= constraints.txt
+PIN := $(if $(LOCK),-c $(LOCK))
 # The local data mirror, when this checkout sits beside it (../shared/data); else the Hugging Face Hub.
 SHARED_DATA := $(abspath ../shared/data)
 # With the mirror, models and tokenizers are read from it too: the Hub is not asked (HF_HUB_OFFLINE=1).
@@ -24,7 +27,7 @@ FILES ?=
 MUTANT_JOBS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full lint format clean bench bench-quick gpu-check audit mutants docs
+.PHONY: help install lock demo demo-ft test test-full lint format clean bench bench-quick gpu-check audit mutants docs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -35,14 +38,27 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[dev]"
-	touch $@
+	$(BIN)/pip install -q $(PIN) -e ".[dev]"
+	echo "$(or $(LOCK),none)" > $@
+
+lock: ## refresh constraints.txt: resolve dpft's dependencies afresh (PyPI) and pin them (torch: TORCH_SPEC)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	.lock-venv/bin/pip install -q ".[dev,bench,mutation,cluster]"
+	(echo "# pip constraints: every package of dpft's CPU install and its extras but torch (TORCH_SPEC), as"; \
+	 echo "# resolved by \`make lock\` on $$(date -u +%Y-%m-%d) with Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())')."; \
+	 .lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|dpft|triton|nvidia-[a-z0-9_-]+)( @ |==)') > $(or $(LOCK),constraints.txt)
+	rm -rf .lock-venv
 
 install: $(VENV)/.installed ## create .venv and install dpft with its test tools (TORCH_INDEX=... for a CUDA torch)
 
-demo: install ## fine-tune MiniLM on SST-2 512-shot (offline) and print the result table
+demo: install ## the privacy-utility table: MiniLM SST-2 512-shot, zero-shot and FT vs DP-SGD, DP-ZO at ε 2 and 8
+	$(BIN)/dpft-sweep demo $(OVERRIDES)
+	@echo "More: make table-cpu (three data seeds, more methods, CPU), make table-<paper> (GPU; make help lists them)"
+
+demo-ft: install ## one non-private fine-tuning run of MiniLM on SST-2 512-shot, its row printed
 	$(BIN)/dpft-train experiment=demo
 
 test: install ## run the test suite (fast tests; what CI runs)
@@ -52,14 +68,14 @@ test-full: install ## run every test, the slow ones too
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "" $(PYTEST_ARGS)
 
 $(VENV)/.mutation-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[mutation]"
+	$(BIN)/pip install -q $(PIN) -e ".[mutation]"
 	touch $@
 
 mutants: $(VENV)/.mutation-installed ## mutation testing of the privacy code (FILES=src/dpft/x.py to scope it; docs/testing.md)
 	$(BIN)/python tools/mutants.py run --jobs $(MUTANT_JOBS) $(FILES)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q $(PIN) -e ".[bench]"
 	touch $@
 
 bench: $(VENV)/.bench-installed ## speed/memory ratios over shapes, lengths, batches -> bench.json (long on CPU)
