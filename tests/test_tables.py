@@ -60,6 +60,32 @@ def tiny(tmp_path_factory):
                            stdout=out.stdout)
 
 
+@requires_data
+def test_the_demo_table_runs_small_and_prints_its_table_and_plot(tmp_path):
+    """`make demo` (dpft-sweep demo) with two training steps and two test batches per job: every cell of the
+    committed demo sweep is reported, private cells within their budget, and the report and plot paths printed."""
+    overrides = ["method.steps=2", "trainer.limit_test_batches=2", "method.eval_batch_size=8", "logger=none"]
+    out = _sweep("demo", *overrides, log_dir=tmp_path / "logs")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    folder = tmp_path / "logs" / "tables" / "demo"
+    assert "table demo: 6 jobs in 4 multiruns" in out.stdout
+    assert f"report: {folder}/table.md (also .csv, .tex); plot: {folder}/privacy_utility.png" in out.stdout
+    with (folder / "table.csv").open() as handle:
+        rows = {(r["method"], float(r["epsilon"])): r for r in csv.DictReader(handle)}
+    assert set(rows) == {("zero_shot", math.inf), ("ft", math.inf), ("dpsgd", 2.0), ("dpsgd", 8.0), ("dpzo", 2.0),
+                         ("dpzo", 8.0)}
+    for (method, eps), row in rows.items():
+        if eps < math.inf:
+            assert 0 < float(row["epsilon_spent"]) <= eps, (method, eps)
+        assert row["seconds_per_step"] or method == "zero_shot"
+        assert float(row["peak_memory_gib"]) > 0
+    assert (folder / "privacy_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = {p: p.stat().st_mtime_ns for p in folder.glob("*/results.json")}
+    again = _sweep("demo", *overrides, log_dir=tmp_path / "logs")  # rerun: every cell is done, none runs again
+    assert again.returncode == 0 and len(written) == 6
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("*/results.json")} == written
+
+
 def _jobs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob("*/results.json"))
 

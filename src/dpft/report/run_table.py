@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(log_dir) / "tables" / sweep["table"]
     result = report(folder, sweep=sweep, log_wandb=wandb_settings(sweep, args.overrides))
     print(result.markdown())
-    print(f"report: {folder}/table.md" + (f" ({failures} of {len(cmds)} multiruns failed)" if failures else ""))
+    print(f"report: {folder}/table.md (also .csv, .tex); plot: {folder}/privacy_utility.png"
+          + (f" ({failures} of {len(cmds)} multiruns failed)" if failures else ""))
     if failures:  # the report is written; the exit status says the table is incomplete (run again to resume)
         raise SystemExit(1)
 
