@@ -31,6 +31,11 @@ NAMES = {"mezo/SST2": "sst2", "mezo/RTE": "rte", "mezo/CB": "cb", "mezo/Copa": "
 SPLITS = {"train": "train", "dev": "val", "test": "test"}
 
 
+def dpft_name(key: str) -> str:
+    """dpft's task for a fixture task ("mezo/BoolQ@128": BoolQ at another length than the paper's)."""
+    return NAMES[key.split("@")[0]]
+
+
 def reference_rows(example: dict, which: str) -> dict[Any, tuple[list[int], int]]:
     prefix = example.get("prefix", [])
     return {row["key"]: (prefix + row["rest"], row["scored"]) for row in example[which]}
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, spec in fixture["tasks"].items():
         if args.tasks and key not in args.tasks:
             continue
-        task = build(NAMES[key], args.protocol, 42 if spec["family"] == "lmbff" else None)
+        task = build(dpft_name(key), args.protocol, 42 if spec["family"] == "lmbff" else None)
         kind = "causal_lm" if spec["family"] == "mezo" else "masked_lm"
         scorer = build_scorer(kind, task, tokenizers[spec["family"]], spec["max_length"],
                               spec.get("max_new_tokens", 50))
@@ -169,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         n = len(spec["examples"])
         total[0] += n - len(misses)
         total[1] += n
-        print(f"{key:14s} {NAMES[key]:10s} {n - len(misses):5d} of {n:5d} match")
+        print(f"{key:18s} {dpft_name(key):10s} {n - len(misses):5d} of {n:5d} match")
         for uid, split, why in misses[: args.show]:
             print(f"    {split} {uid}: {why}")
-    print(f"{'all':25s} {total[0]:5d} of {total[1]:5d} match")
+    print(f"{'all':29s} {total[0]:5d} of {total[1]:5d} match")
     return 0 if total[0] == total[1] else 1
 
 

@@ -52,6 +52,11 @@ KSHOT = {"SST-2": ("sst-2", "SST-2", "sst2"), "sst-5": ("sst-5", "SST-5", "sst5"
          "trec": ("trec", "TREC", "trec"), "RTE": ("rte", "RTE", "rte")}
 KSHOT_SPLIT = "512-42"  # the paper tables' k and first data seed (the test files are the same for every seed)
 MEZO_MAX_LENGTH, MEZO_MAX_NEW_TOKENS = 2048, 50  # run.py's defaults; mezo.sh and dpzero.sh keep them
+# MeZO's left cut, shown at shorter lengths than any mirror example reaches at 2048: the first examples whose cut
+# takes only their first field's text (a cut into the template is where dpft parts from the reference on purpose)
+SHORT = {"BoolQ": (128, "passage"), "MultiRC": (128, "paragraph"), "ReCoRD": (256, "passage"), "RTE": (48, "premise"),
+         "SST2": (12, "sentence")}
+SHORT_EXAMPLES = 3
 FIRST = 2  # the first examples of every file kept
 PER_FLAG = {"span_fixed": 8, "gold_not_first_listed": 7, "cited": 10}  # examples kept per notable property (default 4)
 CITED = {"QNLI": {("test", 31)}}  # rows issue 32 names (k-shot rows by file and position)
@@ -188,7 +193,8 @@ def mezo_uid(task: str, row: dict) -> str:
 
 
 def mezo_examples(mezo: types.ModuleType, utils: types.ModuleType, tokenizer: Any, task: str, rows: list[dict],
-                  raw: list[dict], source: tuple[str, str], keep_all: bool) -> list[dict]:
+                  raw: list[dict], source: tuple[str, str], keep_all: bool,
+                  max_length: int = MEZO_MAX_LENGTH, first_field: str | None = None) -> list[dict]:
     dataset = object.__new__(getattr(mezo, f"{task}Dataset"))
     template = dataset.get_template()
     generation = dataset.generation
@@ -196,9 +202,9 @@ def mezo_examples(mezo: types.ModuleType, utils: types.ModuleType, tokenizer: An
     found: list[tuple[set[str], dict]] = []
     for i, row in enumerate(rows):
         sample = dataset.build_sample(row, i) if generation else dataset.build_sample(row)
-        ev, ev_lens = utils.encode_prompt(dataset, template, [], sample, tokenizer, max_length=MEZO_MAX_LENGTH,
+        ev, ev_lens = utils.encode_prompt(dataset, template, [], sample, tokenizer, max_length=max_length,
                                           generation=generation, max_new_tokens=MEZO_MAX_NEW_TOKENS)
-        tr, tr_lens = utils.encode_prompt(dataset, template, [], sample, tokenizer, max_length=MEZO_MAX_LENGTH,
+        tr, tr_lens = utils.encode_prompt(dataset, template, [], sample, tokenizer, max_length=max_length,
                                           generation=generation, generation_with_gold=True,
                                           max_new_tokens=MEZO_MAX_NEW_TOKENS)
         keys = [None] if generation else [key_of(template, c) for c in sample.candidates]
@@ -221,8 +227,24 @@ def mezo_examples(mezo: types.ModuleType, utils: types.ModuleType, tokenizer: An
         idx = row.get("idx")
         own = by_idx.get(idx["passage"] if task == "ReCoRD" else idx) if by_idx else None
         flags = mezo_flags(task, template, sample, tokenizer, row, own)
+        if first_field is not None:  # every row cut, and only inside the field the prompt starts with
+            texts = ([template.encode(sample)] if generation else
+                     [template.verbalize(sample, c) for c in sample.candidates])
+            example["text_only_cut"] = all(
+                cuts_only_the_start(tokenizer, text, row[first_field], ids)
+                for text, ids in zip(texts, [r["ids"] for r in example["eval"]]))
         found.append((flags, example))
     return [e for _, e in found] if keep_all else select(found)
+
+
+def cuts_only_the_start(tokenizer: Any, verbalized: str, field: str, ids: list[int]) -> bool:
+    """Whether a row (BOS + the tokens kept) lost tokens from the start of its text, all within `field`, the text
+    the prompt starts with (encode_prompt's final string: stripped of spaces, then of leading whitespace)."""
+    full = verbalized.strip(" ").lstrip()
+    kept = tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False)  # whole BPE tokens: the exact text
+    lost = len(full) - len(kept)
+    start = full.find(field.replace("@highlight\n", "- ").strip()[:20])
+    return full.endswith(kept) and start == 0 and 0 < lost <= len(field.replace("@highlight\n", "- ").strip())
 
 
 def key_of(template: Any, candidate: Any) -> str:
@@ -411,6 +433,14 @@ def main(argv: list[str] | None = None) -> None:
         out["tasks"][f"mezo/{task}"] = {"family": "mezo", "max_length": MEZO_MAX_LENGTH, "max_new_tokens": MEZO_MAX_NEW_TOKENS,
                               "examples": [compact(e) for e in examples]}
         print(task, len(examples), file=sys.stderr)
+    for task, (length, field) in SHORT.items():
+        rel, split, rows, raw = next(f for f in sources[task] if f[1] == "validation")
+        found = mezo_examples(mezo, utils, opt, task, rows[:40], raw, (rel, split), True, length, field)
+        cut = [e for e in found if e.pop("text_only_cut")][:SHORT_EXAMPLES]
+        out["tasks"][f"mezo/{task}@{length}"] = {"family": "mezo", "max_length": length,
+                                                 "max_new_tokens": MEZO_MAX_NEW_TOKENS,
+                                                 "examples": [compact({**e, "why": ["left_cut"]}) for e in cut]}
+        print(f"{task}@{length}", len(cut), file=sys.stderr)
     script = args.lmbff / "examples/run_fewshot.sh"
     for name, settings in lmbff_settings(script if script.is_file() else args.lmbff / "run_fewshot.sh").items():
         folder = args.data / KSHOT[name][1] / "k-shot-1k-test" / KSHOT_SPLIT
