@@ -182,9 +182,9 @@ def test_set_and_search_change_the_grid():
     # the search grid of one key: DPZero's 7 clips instead of the chosen 200, spelled as the arm spells it
     dpzero_jobs = [j for j in jobs(sweep, ["method.clip"]) if j["method"] == "dpzero"]
     assert len(dpzero_jobs) == 36 * 7 and {j["method.clip"] for j in dpzero_jobs} >= {"200", "50", "400"}
-    # zero-shot, FT and FT-LoRA × 4 lr, MeZO × 3 lr, DP-AdamW and DP-LoRA × 4 lr × 4 clip, DPZero × 7 clip
-    assert len(jobs(sweep, search_keys(sweep))) == 18 + 2 * 18 * 4 + 18 * 3 + 2 * 36 * 16 + 36 * 7
-    for item, count in [("method=dpzero", 36), ("privacy=eps2", 54), ("task.data_seed=42", 60)]:
+    # zero-shot, FT and FT-LoRA × 4 lr, MeZO × 3 lr, DP-AdamW and DP-LoRA × 4 lr × 4 clip, DPZero × 7 clip, DPGD-0th
+    assert len(jobs(sweep, search_keys(sweep))) == 18 + 2 * 18 * 4 + 18 * 3 + 2 * 36 * 16 + 36 * 7 + 36
+    for item, count in [("method=dpzero", 36), ("privacy=eps2", 72), ("task.data_seed=42", 72)]:
         part = load_sweep("dpzero_roberta")
         assert restrict(part, item, None) is None
         assert len(jobs(part)) == count, item
@@ -213,11 +213,13 @@ def _fake(folder: Path, method: str, eps: float, seed: int, acc: float, status: 
           model: str = "roberta-large", task: str = "sst2-k512", val: float | None = None, clip: float = 1.0,
           data_seed: int = 42, privacy: dict | None = None, lr: float | None = None, cost: dict | None = None,
           communication: dict | None = None, config: dict | None = None, name: str | None = None,
-          environment: dict | None = None) -> None:
+          environment: dict | None = None, as_paper: bool | None = True) -> None:
     metrics = {"test/acc": acc} if val is None else {"test/acc": acc, "val/acc": val}
     results = {"status": status, "method": method, "model": model, "task": task, "seed": seed, "data_seed": data_seed,
                "metrics": metrics, "privacy": {"target_epsilon": eps, "epsilon_spent": eps * 0.99, **(privacy or {})},
                "cost": cost or {}, "config": {"method": {"clip": clip, "lr": lr}, **(config or {})}}
+    if as_paper is not None:  # None: a results.json written before the protocol was recorded
+        results["protocol"] = {"name": "paper" if as_paper else "dpft", "as_paper": as_paper}
     if communication is not None:
         results["communication"] = communication
     if environment is not None:
@@ -245,9 +247,9 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     assert len(out.failed) == 1 and "out of budget" in out.failed[0]["error"]
     assert ("sst5-k512", "roberta-large", "dpzero", 2.0) in out.missing
     assert ("sst2-k512", "roberta-large", "dpzero", 2.0) not in out.missing
-    assert len(out.missing) == 60 - 2  # 10 method·ε columns x 6 tasks, two of them present
+    assert len(out.missing) == 72 - 2  # 12 method·ε columns x 6 tasks, two of them present
     table = (tmp_path / "table.md").read_text()
-    assert "| 91.3 ± 0.9 | 91.8 | -0.5 |" in table and "Missing cells (58)" in table and "Failed runs (1)" in table
+    assert "| 91.3 ± 0.9 | 91.8 | -0.5 |" in table and "Missing cells (70)" in table and "Failed runs (1)" in table
     assert "Paper values: Zhang et al., DPZero (ICML 2024), Table 2." in table
     assert (tmp_path / "table.tex").read_text().count(r"\pm") == 1  # n = 1 (mezo) shows no ±
     assert len((tmp_path / "table.csv").read_text().splitlines()) == 3
@@ -256,6 +258,30 @@ def test_report_means_standard_errors_references_and_missing(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(png).shape[0] > 100
+
+
+def test_a_papers_value_beside_runs_that_did_not_read_its_inputs_is_marked(tmp_path):
+    """Runs under task.protocol=dpft (or at other lengths, or written before results.json recorded a protocol) are
+    a cell of their own, and the paper's value beside it carries † and the footnote; beside the paper-protocol
+    cell it does not."""
+    for seed in (0, 1):
+        _fake(tmp_path, "dpzero", 2.0, seed, 90.0, config={"task": {"protocol": "paper"}}, name=f"paper-{seed}")
+        _fake(tmp_path, "dpzero", 2.0, seed, 91.0, config={"task": {"protocol": "dpft"}}, as_paper=False,
+              name=f"dpft-{seed}")
+    out = report(tmp_path, table="dpzero_roberta")
+    rows = {r["variant"]: r for r in out.rows() if r["method"] == "dpzero"}
+    assert set(rows) == {"task.protocol=paper", "task.protocol=dpft"}
+    assert rows["task.protocol=paper"]["paper_inputs"] and not rows["task.protocol=dpft"]["paper_inputs"]
+    assert rows["task.protocol=paper"]["reference"] == rows["task.protocol=dpft"]["reference"] == 91.8
+    table = (tmp_path / "table.md").read_text()
+    assert "| 90.0 ± 0.0 | 91.8 | -1.8 |" in table and "| 91.0 ± 0.0 | 91.8† | -0.8 |" in table
+    assert "† Not the paper's inputs" in table and "docs/protocols.md" in table
+    assert (tmp_path / "table.tex").read_text().count(r"$^\dagger$") == 2  # the marked value and the footnote
+    with open(tmp_path / "table.csv") as f:
+        assert {r["variant"]: r["paper_inputs"] for r in csv.DictReader(f) if r["method"] == "dpzero"} == {
+            "task.protocol=paper": "True", "task.protocol=dpft": "False"}
+    _fake(tmp_path / "old", "mezo", math.inf, 0, 92.0, as_paper=None)  # no protocol recorded: the dpft inputs
+    assert next(r for r in report(tmp_path / "old", table="dpzero_roberta").rows())["paper_inputs"] is False
 
 
 def test_runs_whose_settings_differ_are_never_pooled_and_the_split_is_named(tmp_path):
@@ -466,6 +492,9 @@ def test_summary_round_trip_and_the_wandb_reader(tmp_path):
                "cost": {"wall_seconds": 3.0}}
     summary = flat_summary(results)
     assert results_from_summary({**summary, "train/loss": 0.3, "_step": 4}) == results
+    protocol = {"name": "paper", "reference": "LM-BFF", "max_length": 256, "paper_max_length": 256, "as_paper": True}
+    assert results_from_summary(flat_summary({**results, "protocol": protocol})) == {**results, "protocol": protocol}
+    assert flat_summary({**results, "protocol": protocol})["protocol/as_paper"] is True
 
     def run(summary, group="t", job_type="train", state="finished", run_id="a"):
         return SimpleNamespace(summary_metrics=summary, config={"method": {"clip": 0.05}}, group=group,

@@ -144,7 +144,7 @@ def test_sst5_full_test_has_2210_sentences(data_root):
      "Tahiti.\nDoes the sentence answer the question? Yes or No?\n", ["Yes", "No"]),
     ("qqp-k16", {"sentence1": "Why do some people think that having a baby is a blessing?",
                  "sentence2": "Why is having a baby a blessing?"}, 1,
-     ("Why do some people think that having a baby is a blessing", ", why is having a baby a blessing?"),
+     ("Why do some people think that having a baby is a blessing?", ", why is having a baby a blessing?"),
      "Question 1: Why do some people think that having a baby is a blessing?\nQuestion 2: Why is having a baby a "
      "blessing?\nDo both questions ask the same thing? Yes or No?\n", ["No", "Yes"]),
     ("trec-k16", {"sentence": "What city is served by Tempelhol Airport ?"}, 4,

@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # torch and the methods load only where results are built: re
     from dpft.methods.base import MethodModule
 
 SCHEMA_VERSION = 1
-# results blocks flattened into the summary as `<block>/<key>` (communication: federated methods only)
-SUMMARY_BLOCKS = ("privacy", "cost", "communication", "environment")
+# results blocks flattened into the summary as `<block>/<key>` (communication: federated methods only; protocol and
+# environment: absent from runs written before they existed, which ran the dpft protocol)
+SUMMARY_BLOCKS = ("privacy", "cost", "communication", "protocol", "environment")
+OPTIONAL_BLOCKS = ("communication", "protocol", "environment")
 
 
 def reset_peak_memory() -> None:
@@ -116,6 +118,7 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         "task": cfg.task.name,
         "seed": int(cfg.seed),
         "data_seed": cfg.task.get("data_seed"),
+        "protocol": protocol_block(cfg),
         "metrics": metrics,
         "privacy": privacy,
         "cost": cost,
@@ -134,6 +137,15 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
             "logged": sorted(module.raw_logged), "values": module.raw_statistics()}
     results["summary"] = flat_summary(results)
     return results
+
+
+def protocol_block(cfg: DictConfig) -> dict[str, Any]:
+    """Whose inputs the run fed the model (`task.protocol`) and whether they were the reference code's token ids
+    (`as_paper`): docs/protocols.md."""
+    from dpft.data.tasks import build_task_from_config
+
+    task = build_task_from_config(cfg.task)
+    return task.protocol_record(int(cfg.task.max_length), cfg.task.get("max_new_tokens", 50))
 
 
 def build_failure(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def results_from_summary(summary: dict[str, Any], config: dict[str, Any] | None 
     out["metrics"] = {k: v for k, v in summary.items() if k.startswith(("val/", "test/"))}
     for block in SUMMARY_BLOCKS:
         values = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{block}/")}
-        if values or block not in ("communication", "environment"):
+        if values or block not in OPTIONAL_BLOCKS:
             out[block] = values
     if config is not None:
         out["config"] = config

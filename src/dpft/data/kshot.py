@@ -15,6 +15,11 @@ SST-2/SST-5 use the masked template's text before ``<mask>`` (for SST-2 that is 
 the sentence-pair tasks cannot (the second sentence comes after the mask), so RTE uses MeZO's
 RTETemplate, MNLI/SNLI MeZO's CBTemplate (same Yes/No/Maybe words), QNLI/QQP similar Yes/No prompts;
 TREC uses ``"<question> Answer type:" + " <word>"``.
+
+``protocol="paper"`` renders a masked-LM input as LM-BFF's ``tokenize_multipart_input`` does (the raw
+sentences with their outer whitespace, each template part tokenised alone, ``run_fewshot.sh``'s sentence
+limits and ``--max_seq_len``: `Spec.paper`); ``dpft`` strips the sentences and tokenises the rendered text
+(docs/protocols.md).
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from dpft.data.readers import Column, read_table
-from dpft.data.task_base import Example, Split, Task, data_dir, missing_file, split_prompt
+from dpft.data.task_base import Example, Rendered, Split, Task, data_dir, missing_file, render
 
 SEEDS = (13, 21, 42, 87, 100)
 KS = (16, 512)
@@ -41,6 +46,8 @@ class Spec:
     template: str  # LM-BFF template
     causal: str | None  # causal prompt over the fields; None = masked template's left part
     full_test: tuple[str, tuple[Column, Column | None, Column]]  # complete original test file
+    # run_fewshot.sh's --max_seq_length 128 and the task's TASK_EXTRA: (max_seq_len, first_sent_limit, other_sent_limit)
+    paper: tuple[int, int | None, int | None] = (128, None, None)
 
 
 _PAIR_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
@@ -52,55 +59,68 @@ SPECS: dict[str, Spec] = {
                  ("SST-2/dev.tsv", ("sentence", None, "label"))),
     "sst5": Spec("SST-5", ("train.csv", "dev.csv", "test.csv"), (1, None, 0), ("0", "1", "2", "3", "4"),
                  ("terrible", "bad", "okay", "good", "great"), "*cls**sent_0*_It_was*mask*.*sep+*", None,
-                 ("SST-5/test.tsv", (1, None, 0))),
+                 ("SST-5/test.tsv", (1, None, 0)), (128, 110, 20)),
     "snli": Spec("SNLI", ("train.tsv", "dev.tsv", "test.tsv"), ("sentence1", "sentence2", -1),
                  ("contradiction", "entailment", "neutral"), ("No", "Yes", "Maybe"), _PAIR_NLI,
                  "Suppose {sentence1} Can we infer that \"{sentence2}\"? Yes, No, or Maybe?\n",
-                 ("SNLI/test.tsv", ("sentence1", "sentence2", -1))),
+                 ("SNLI/test.tsv", ("sentence1", "sentence2", -1)), (256, None, None)),
     "mnli": Spec("MNLI", ("train.tsv", "dev_matched.tsv", "test_matched.tsv"), ("sentence1", "sentence2", -1),
                  ("contradiction", "entailment", "neutral"), ("No", "Yes", "Maybe"), _PAIR_NLI,
                  "Suppose {sentence1} Can we infer that \"{sentence2}\"? Yes, No, or Maybe?\n",
-                 ("MNLI/dev_matched.tsv", ("sentence1", "sentence2", -1))),
+                 ("MNLI/dev_matched.tsv", ("sentence1", "sentence2", -1)), (256, 240, None)),
     "rte": Spec("RTE", ("train.tsv", "dev.tsv", "test.tsv"), ("sentence1", "sentence2", "label"),
                 ("entailment", "not_entailment"), ("Yes", "No"), _PAIR_NLI, _RTE_CAUSAL,
-                ("RTE/glue/dev.tsv", ("sentence1", "sentence2", "label"))),
+                ("RTE/glue/dev.tsv", ("sentence1", "sentence2", "label")), (256, 240, None)),
     "qnli": Spec("QNLI", ("train.tsv", "dev.tsv", "test.tsv"), ("question", "sentence", "label"),
                  ("entailment", "not_entailment"), ("Yes", "No"), _PAIR_NLI,
                  "Question: {sentence1}\nSentence: {sentence2}\nDoes the sentence answer the question? Yes or No?\n",
                  ("QNLI/dev.tsv", ("question", "sentence", "label"))),
     "qqp": Spec("QQP", ("train.tsv", "dev.tsv", "test.tsv"), ("question1", "question2", "is_duplicate"),
-                ("0", "1"), ("No", "Yes"), "*cls**sent-_0**mask*,*+sentl_1**sep+*",
+                ("0", "1"), ("No", "Yes"), "*cls**sent_0**mask*,*+sentl_1**sep+*",
                 "Question 1: {sentence1}\nQuestion 2: {sentence2}\nDo both questions ask the same thing? Yes or No?\n",
                 ("QQP/dev.tsv", ("question1", "question2", "is_duplicate"))),
     "trec": Spec("TREC", ("train.csv", "dev.csv", "test.csv"), (1, None, 0), ("0", "1", "2", "3", "4", "5"),
                  ("Description", "Entity", "Expression", "Human", "Location", "Number"),
-                 "*cls**mask*:*+sent_0**sep+*", "{sentence} Answer type:", ("TREC/test.csv", (1, None, 0))),
+                 "*cls**mask*:*+sent_0**sep+*", "{sentence} Answer type:", ("TREC/test.csv", (1, None, 0)),
+                 (128, 110, None)),
 }
 
 _SENT = re.compile(r"(\+?)sent([lu]?)(-?)_(\d+)")
+SPECIAL = ("cls", "mask", "sep", "sep+", "bos", "eos")
 
 
-def render_lmbff(template: str, sentences: list[str]) -> tuple[str, str]:
-    """An LM-BFF template as text (left of ``*mask*``, right of it); special tokens are dropped.
+def lmbff_parts(template: str, sentences: list[str]) -> list[tuple[str, str, int | None]]:
+    """An LM-BFF template's parts in order: ("special", name, None), ("text", literal, None) or
+    ("sent", the sentence as the part writes it, its index).
 
     ``sent_i`` sentence i; ``+`` prefix adds a space; ``l``/``u`` lower/upper-cases its first character;
     ``-`` drops its last character; other parts are literal text with ``_`` for spaces.
     """
-    sides: tuple[list[str], list[str]] = ([], [])
-    side = 0
+    parts: list[tuple[str, str, int | None]] = []
     for part in template.split("*"):
-        if part == "mask":
-            side = 1
-        elif part in ("", "cls", "sep", "sep+", "bos", "eos"):
-            continue
+        if part in SPECIAL:
+            parts.append(("special", part, None))
         elif m := _SENT.fullmatch(part):
             space, case, cut, i = m.groups()
             text = sentences[int(i)]
             text = {"l": text[:1].lower(), "u": text[:1].upper(), "": text[:1]}[case] + text[1:]
-            sides[side].append(" " * len(space) + (text[:-1] if cut else text))
+            parts.append(("sent", " " * len(space) + (text[:-1] if cut else text), int(i)))
+        elif part:
+            parts.append(("text", part.replace("_", " "), None))
+    return parts
+
+
+def render_lmbff(template: str, sentences: list[str]) -> tuple[Rendered, Rendered]:
+    """An LM-BFF template as text (left of ``*mask*``, right of it), special tokens dropped, the sentences as the
+    fields."""
+    sides = [Rendered(""), Rendered("")]
+    side = 0
+    for kind, text, _ in lmbff_parts(template, sentences):
+        if kind == "special":
+            side = 1 if text == "mask" else side
         else:
-            sides[side].append(part.replace("_", " "))
-    return "".join(sides[0]), "".join(sides[1])
+            sides[side] += render("{s}", s=text) if kind == "sent" else text
+    return sides[0], sides[1]
 
 
 @dataclass
@@ -112,12 +132,18 @@ class KShotTask(Task):
     spec: ClassVar[Spec]
 
     data_seed: int = 42
+    paper = "LM-BFF run_fewshot.sh, src/processors.py, src/dataset.py (DPZero's roberta/, MeZO's medium_models/)"
+    paper_models = ("masked_lm",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.data_seed not in SEEDS:
             raise ValueError(f"task {self.name}: data_seed {self.data_seed} has no LM-BFF split; "
                              f"valid data seeds: {SEEDS}")
+
+    def paper_settings(self) -> dict[str, Any]:
+        max_length, first, other = self.spec.paper
+        return {"max_length": max_length, "first_sent_limit": first, "other_sent_limit": other}
 
     def splits(self, needed: tuple[Split, ...] = ("train", "val", "test")) -> dict[Split, list[Example]]:
         return {split: self._read(split) for split in needed}
@@ -148,7 +174,8 @@ class KShotTask(Task):
         spec = self.spec
         path, columns = self._path(split)
         out = []
-        for i, (a, b, y) in enumerate(read_table(path, columns)):
+        # LM-BFF's processors keep a sentence's outer whitespace (the paper protocol); ours strip it
+        for i, (a, b, y) in enumerate(read_table(path, columns, strip=self.protocol != "paper")):
             if y not in spec.labels:
                 raise ValueError(f"{path} row {i}: label {y!r} is not one of {spec.labels}")
             fields = {"sentence": a} if b is None else {"sentence1": a, "sentence2": b}
@@ -159,18 +186,16 @@ class KShotTask(Task):
         f = ex.fields
         return [f["sentence"]] if "sentence" in f else [f["sentence1"], f["sentence2"]]
 
-    def masked_prompt(self, ex: Example) -> tuple[str, str]:
+    def masked_parts(self, ex: Example) -> tuple[Rendered, Rendered]:
         return render_lmbff(self.spec.template, self._sentences(ex))
 
-    def causal_prompt(self, ex: Example) -> str:
-        return self._causal(ex)[0]
+    def template_parts(self, ex: Example) -> list[tuple[str, str, int | None]]:
+        """The LM-BFF template's parts for this example (`lmbff_parts`)."""
+        return lmbff_parts(self.spec.template, self._sentences(ex))
 
-    def causal_continuations(self, ex: Example) -> list[str]:
-        return self._causal(ex)[1]
-
-    def _causal(self, ex: Example) -> tuple[str, list[str]]:
-        encoded = self.masked_prompt(ex)[0] if self.spec.causal is None else self.spec.causal.format(**ex.fields)
-        return split_prompt(encoded, "" if encoded.endswith("\n") else " ", self.label_words)
+    def causal_parts(self, ex: Example) -> tuple[Rendered, str, list[str]]:
+        encoded = self.masked_parts(ex)[0] if self.spec.causal is None else render(self.spec.causal, **ex.fields)
+        return encoded, "" if encoded.text.endswith("\n") else " ", list(self.label_words)
 
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         s = self._sentences(ex)
@@ -179,7 +204,7 @@ class KShotTask(Task):
     def label_descriptions(self) -> list[str]:
         """The LM-BFF template with empty sentences and the label word at the mask: SST-2 "It was great."."""
         left, right = render_lmbff(self.spec.template, [""] * (1 + (self.spec.columns[1] is not None)))
-        return [" ".join(f"{left.strip()} {word}{right.rstrip()}".split()) for word in self.label_words]
+        return [" ".join(f"{left.text.strip()} {word}{right.text.rstrip()}".split()) for word in self.label_words]
 
 
 for _base, _spec in SPECS.items():

@@ -11,6 +11,10 @@ Rows are read from ``$DPFT_DATA_DIR`` and converted to the Hugging Face row form
 local files and the Hub (``datasets.load_dataset(*hub_id, split=...)``, used when ``$DPFT_DATA_DIR``
 is unset) go through the same ``example(row)``. Templates are MeZO's, verbatim; see ``split_prompt``
 for how MeZO's ``verbalize`` maps onto (``causal_prompt``, ``causal_continuations``).
+
+``protocol="paper"`` gives the rows MeZO's code read (HF's ``boolq`` passage without its title, ReCoRD's
+training gold the first of HF's sorted answers, DROP's golds per split as HF's builder gives them); the WSC
+span fix of HF's ``wsc.fixed`` applies under both protocols (docs/protocols.md).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from dpft.data.task_base import (
     DATA_ENV,
     Example,
     MissingDataError,
+    Rendered,
     Split,
     Task,
     data_dir,
     dedupe,
     missing_file,
-    split_prompt,
+    render,
 )
 
 Original = Literal["train", "validation"]
@@ -46,6 +51,11 @@ class MezoTask(Task):
     sep: ClassVar[str] = ""  # MeZO's verbalize = encode + sep + option
     missing_note: ClassVar[str] = ""
     option_names = ("num_train", "num_dev", "num_test")
+    paper = "MeZO large_models/ (templates.py, tasks.py, run.py, utils.encode_prompt); DPZero's opt/ is the same code"
+    paper_models = ("causal_lm",)
+
+    def paper_settings(self) -> dict[str, Any]:
+        return {"max_length": 2048, "max_new_tokens": 50}  # run.py's defaults, kept by mezo.sh and dpzero.sh
 
     # --- data -------------------------------------------------------------------------------
     def splits(self, needed: tuple[Split, ...] = ("train", "val", "test")) -> dict[Split, list[Example]]:
@@ -85,21 +95,22 @@ class MezoTask(Task):
             path = root / self.files[split]
             if not path.is_file():
                 raise missing_file(path, self.files[split], "/".join(self.hub_id), self.missing_note)
-            rows = self.local_rows(path)
+            rows = self.local_rows(path, split)
         return [ex for ex in map(self.example, rows) if ex is not None]
 
-    def hub_rows(self, split: Original) -> list[dict]:
-        hub = "/".join(self.hub_id)
+    def hub_rows(self, split: Original, hub_id: tuple[str, ...] | None = None) -> list[dict]:
+        hub_id = hub_id or self.hub_id
+        hub = "/".join(hub_id)
         try:
             import datasets
 
-            return list(datasets.load_dataset(*self.hub_id, split=split))
+            return list(datasets.load_dataset(*hub_id, split=split))
         except Exception as err:  # offline, renamed dataset, script datasets refused, ...
             raise MissingDataError(
                 f"could not load {hub} ({split}) from the Hugging Face Hub: {err!r}. Set {DATA_ENV} to a "
                 f"local mirror (e.g. ../shared/data) containing {self.files[split]}.") from err
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
         """Rows of a SuperGLUE jsonl file in HF format (label strings/bools -> ints)."""
         for row in read_jsonl(path):
             if "label" in row:
@@ -111,7 +122,7 @@ class MezoTask(Task):
         raise NotImplementedError
 
     # --- templates --------------------------------------------------------------------------
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         """MeZO's ``template.encode(sample)``."""
         raise NotImplementedError
 
@@ -119,11 +130,8 @@ class MezoTask(Task):
         """What MeZO's ``verbalize`` appends after ``encode + sep`` for each candidate."""
         return list(self.label_words)
 
-    def causal_prompt(self, ex: Example) -> str:
-        return split_prompt(self.encode(ex), self.sep, ())[0]
-
-    def causal_continuations(self, ex: Example) -> list[str]:
-        return split_prompt(self.encode(ex), self.sep, self.options_of(ex))[1]
+    def causal_parts(self, ex: Example) -> tuple[Rendered, str, list[str]]:
+        return self.encode(ex), self.sep, self.options_of(ex)
 
 
 class Classification(MezoTask):
@@ -147,7 +155,7 @@ class NotClassification(MezoTask):
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         raise NotImplementedError(f"task {self.name} is a {self.kind} task: no text pair for a classification head")
 
-    def masked_prompt(self, ex: Example) -> tuple[str, str]:
+    def masked_parts(self, ex: Example) -> tuple[Rendered, Rendered]:
         raise NotImplementedError(f"task {self.name} is a {self.kind} task: no masked-LM (LM-BFF) template")
 
 
@@ -161,15 +169,15 @@ class SST2(Classification):
     sep = " "
     text_fields = ("sentence", None)
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
         for i, (sentence, _, label) in enumerate(read_table(path, ("sentence", None, "label"))):
             yield {"sentence": sentence, "label": int(label), "idx": i}
 
-    def encode(self, ex: Example) -> str:
-        return f"{ex.fields['sentence'].strip()} It was"
+    def encode(self, ex: Example) -> Rendered:
+        return render("{sentence} It was", sentence=ex.fields["sentence"].strip())
 
-    def masked_prompt(self, ex: Example) -> tuple[str, str]:  # LM-BFF *cls**sent_0*_It_was*mask*.*sep+*
-        return f"{ex.fields['sentence'].strip()} It was", "."
+    def masked_parts(self, ex: Example) -> tuple[Rendered, Rendered]:  # LM-BFF *cls**sent_0*_It_was*mask*.*sep+*
+        return self.encode(ex), Rendered(".")
 
 
 class RTE(Classification):
@@ -181,9 +189,8 @@ class RTE(Classification):
     label_words = ("Yes", "No")
     text_fields = ("premise", "hypothesis")
 
-    def encode(self, ex: Example) -> str:
-        f = ex.fields
-        return f"{f['premise']}\nDoes this mean that \"{f['hypothesis']}\" is true? Yes or No?\n"
+    def encode(self, ex: Example) -> Rendered:
+        return render("{premise}\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\n", **ex.fields)
 
 
 class CB(Classification):
@@ -196,9 +203,8 @@ class CB(Classification):
     num_dev = 100
     text_fields = ("premise", "hypothesis")
 
-    def encode(self, ex: Example) -> str:
-        f = ex.fields
-        return f"Suppose {f['premise']} Can we infer that \"{f['hypothesis']}\"? Yes, No, or Maybe?\n"
+    def encode(self, ex: Example) -> Rendered:
+        return render("Suppose {premise} Can we infer that \"{hypothesis}\"? Yes, No, or Maybe?\n", **ex.fields)
 
 
 class BoolQ(Classification):
@@ -210,28 +216,57 @@ class BoolQ(Classification):
     text_fields = ("passage", "question")
     missing_note = " (BoolQ/fewglue_32dev/train.jsonl has only 32 examples and is not used.)"
 
-    def encode(self, ex: Example) -> str:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
+        for row in super().local_rows(path, split):
+            # SuperGLUE's passage is the original BoolQ's "<title> -- <passage>"; MeZO loads HF's `boolq`, which
+            # has no title
+            yield {**row, "passage": row["passage"].split(" -- ", 1)[-1]} if self.protocol == "paper" else row
+
+    def hub_rows(self, split: Original, hub_id: tuple[str, ...] | None = None) -> list[dict]:
+        if self.protocol != "paper":
+            return super().hub_rows(split)
+        return [{"question": r["question"], "passage": r["passage"], "label": int(r["answer"]), "idx": i}
+                for i, r in enumerate(super().hub_rows(split, ("boolq",)))]
+
+    def encode(self, ex: Example) -> Rendered:
         # BoolQTemplateV3: MeZO's BoolQDataset.get_template() defaults to template_version=2
         question = ex.fields["question"]
         question = question if question.endswith("?") else question + "?"
-        return f"{ex.fields['passage']} {question[0].upper() + question[1:]}\n"
+        return render("{passage} {question}\n", passage=ex.fields["passage"],
+                      question=question[0].upper() + question[1:])
+
+
+def fix_wsc_spans(row: dict) -> dict:
+    """HF's ``wsc.fixed`` rows from the original WSC's: a span text that does not occur in the text takes the case
+    of the first letter of the word at its index, loses trailing periods and has its newlines turned into spaces
+    (the two Kamenev/Zinoviev spans, which no such fix makes occur, stay as they are)."""
+    row = dict(row)
+    words = row["text"].split()
+    for k in ("span1", "span2"):
+        span = row[f"{k}_text"]
+        if span in row["text"] or span in ("Kamenev and Zinoviev", "Kamenev, Zinoviev, and Stalin"):
+            continue
+        first = words[row[f"{k}_index"]][0]
+        span = (span[0].lower() if first.islower() else span[0].upper()) + span[1:]
+        row[f"{k}_text"] = span.rstrip(".").replace("\n", " ")
+    return row
 
 
 class WSC(Classification):
     name = "wsc"
-    hub_id = ("super_glue", "wsc.fixed")  # MeZO loads wsc.fixed; the mirror holds the original WSC
+    hub_id = ("super_glue", "wsc.fixed")  # MeZO loads wsc.fixed; the mirror holds the original WSC (fixed below)
     files = {"train": "WSC/train.jsonl", "validation": "WSC/val.jsonl"}
     train_pool = 554
     label_words = ("No", "Yes")
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
-        for row in super().local_rows(path):
-            yield {**{k: v for k, v in row.items() if k != "target"}, **row["target"]}
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
+        for row in super().local_rows(path, split):
+            yield fix_wsc_spans({**{k: v for k, v in row.items() if k != "target"}, **row["target"]})
 
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         f = ex.fields
-        return (f"{f['text']}\nIn the previous sentence, does the pronoun \"{f['span2_text'].lower()}\" "
-                f"refer to {f['span1_text']}? Yes or No?\n")
+        return render("{text}\nIn the previous sentence, does the pronoun \"{span2}\" refer to {span1}? Yes or No?\n",
+                      text=f["text"], span2=f["span2_text"].lower(), span1=f["span1_text"])
 
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         return ex.fields["text"], f"{ex.fields['span2_text']}: {ex.fields['span1_text']}"
@@ -244,10 +279,10 @@ class WiC(Classification):
     train_pool = 5_428
     label_words = ("No", "Yes")
 
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         f = ex.fields
-        return (f"Does the word \"{f['word']}\" have the same meaning in these two sentences? Yes, No?\n"
-                f"{f['sentence1']}\n{f['sentence2']}\n")
+        return render("Does the word \"{word}\" have the same meaning in these two sentences? Yes, No?\n"
+                      "{sentence1}\n{sentence2}\n", word=f["word"], sentence1=f["sentence1"], sentence2=f["sentence2"])
 
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         return f"{ex.fields['word']}: {ex.fields['sentence1']}", ex.fields["sentence2"]
@@ -260,7 +295,7 @@ class MultiRC(Classification):
     train_pool = 27_243  # one example per (question, answer option)
     label_words = ("No", "Yes")
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
         # one row per (paragraph, question, answer option), as HF super_glue/multirc
         for row in read_jsonl(path):
             for q in row["passage"]["questions"]:
@@ -274,10 +309,9 @@ class MultiRC(Classification):
         uid = f"{idx['paragraph']}-{idx['question']}-{idx['answer']}"
         return Example(fields={k: row[k] for k in ("paragraph", "question", "answer")}, label=row["label"], uid=uid)
 
-    def encode(self, ex: Example) -> str:
-        f = ex.fields
-        return (f"{f['paragraph']}\nQuestion: {f['question']}\nI found this answer \"{f['answer']}\". "
-                "Is that correct? Yes or No?\n")
+    def encode(self, ex: Example) -> Rendered:
+        return render("{paragraph}\nQuestion: {question}\nI found this answer \"{answer}\". Is that correct? "
+                      "Yes or No?\n", **ex.fields)
 
     def text_pair(self, ex: Example) -> tuple[str, str | None]:
         return ex.fields["paragraph"], f"{ex.fields['question']} {ex.fields['answer']}"
@@ -297,10 +331,10 @@ class COPA(NotClassification):
         return Example(fields=fields, label=row.get("label"), candidates=(row["choice1"], row["choice2"]),
                        uid=str(row["idx"]))
 
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         premise = ex.fields["premise"].rstrip()
         premise = premise[:-1] if premise.endswith(".") else premise
-        return premise + {"cause": " because ", "effect": " so "}[ex.fields["question"]]
+        return render("{premise}" + {"cause": " because ", "effect": " so "}[ex.fields["question"]], premise=premise)
 
     def options_of(self, ex: Example) -> list[str]:
         # MeZO's "correct" capitalization: lower-case the whole first word unless it is "I"
@@ -319,7 +353,7 @@ class ReCoRD(NotClassification):
     sep = " "
     missing_note = " (ReCoRD/fewglue_32dev holds only 32+32 examples and is not used.)"
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
         for row in read_jsonl(path):
             text = row["passage"]["text"]
             entities = [text[e["start"]:e["end"] + 1] for e in row["passage"]["entities"]]  # inclusive ends
@@ -329,7 +363,10 @@ class ReCoRD(NotClassification):
 
     def example(self, row: dict) -> Example:
         candidates, answers = dedupe(row["entities"]), dedupe(row["answers"])
-        label = next((candidates.index(a) for a in answers if a in candidates), None)
+        # the gold candidate training teaches: the first answer in the file's order; under the paper protocol the
+        # first of HF's answers, which its builder sorts (MeZO's run.py trains on correct_candidate[0])
+        order = sorted(answers) if self.protocol == "paper" else answers
+        label = next((candidates.index(a) for a in order if a in candidates), None)
         uid = str(row["idx"]["query"] if isinstance(row["idx"], dict) else row["idx"])
         return Example(fields={"passage": row["passage"], "query": row["query"]}, label=label,
                        candidates=candidates, answers=answers, uid=uid)
@@ -339,9 +376,9 @@ class ReCoRD(NotClassification):
         examples = super().load_original(split)
         return [ex for ex in examples if ex.label is not None] if split == "train" else examples
 
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         # ReCoRDTemplateGPT3 (what MeZO's ReCoRDDataset.get_template() returns)
-        return ex.fields["passage"].replace("@highlight\n", "- ") + "\n-"
+        return render("{passage}\n-", passage=ex.fields["passage"].replace("@highlight\n", "- "))
 
     def options_of(self, ex: Example) -> list[str]:
         return [ex.fields["query"].replace("@placeholder", c) for c in ex.candidates]
@@ -363,7 +400,7 @@ class SQuAD(Generation):
     files = {"train": "SQuAD/train-v1.1.reconstructed.json", "validation": "SQuAD/dev-v1.1.reconstructed.json"}
     train_pool = 87_599
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
         for article in read_json(path)["data"]:
             for par in article["paragraphs"]:
                 for qa in par["qas"]:
@@ -374,9 +411,10 @@ class SQuAD(Generation):
         return Example(fields={k: row[k] for k in ("title", "context", "question")},
                        answers=dedupe(row["answers"]["text"]), uid=row["id"])
 
-    def encode(self, ex: Example) -> str:
+    def encode(self, ex: Example) -> Rendered:
         f = ex.fields
-        return f"Title: {f['title']}\nContext: {f['context']}\nQuestion: {f['question'].strip()}\nAnswer:"
+        return render("Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:", title=f["title"],
+                      context=f["context"], question=f["question"].strip())
 
 
 class DROP(Generation):
@@ -387,24 +425,38 @@ class DROP(Generation):
     missing_note = (" The partial files under DROP/ (300 train questions, the contrast set) are not DROP splits "
                     "and are never used as such.")
 
-    def local_rows(self, path: Path) -> Iterable[dict]:
-        # official DROP json -> HF ``drop`` rows; golds = the answer + validated answers, each number/date
-        # as one string and each span of a multi-span answer separately (as HF's builder does)
+    def local_rows(self, path: Path, split: Original) -> Iterable[dict]:
+        # official DROP json -> HF ``drop`` rows, each number/date as one string and each span of a multi-span
+        # answer separately (as HF's builder does). The golds: the answer and the validated answers, as DROP's own
+        # evaluation reads them; under the paper protocol HF's: the answer in train, the validated answers only in
+        # validation, and no question whose answer is both a number and a date or text
         for section_id, section in read_json(path).items():
             for qa in section["qa_pairs"]:
-                spans: list[str] = []
-                for ans in [qa["answer"], *qa.get("validated_answers", [])]:
+                if self.protocol == "paper":
+                    answers, strict = ([qa["answer"]] if split == "train" else qa.get("validated_answers", [])), True
+                else:
+                    answers, strict = [qa["answer"], *qa.get("validated_answers", [])], False
+                spans: list[str] | None = []
+                for ans in answers:
                     date = " ".join(ans.get("date", {}).get(k, "") for k in ("day", "month", "year")).strip()
-                    spans += [ans["number"]] if ans.get("number") else ans.get("spans") or ([date] if date else [])
-                yield {"section_id": section_id, "query_id": qa["query_id"], "passage": section["passage"],
-                       "question": qa["question"], "answers_spans": {"spans": spans}}
+                    kinds = [bool(ans.get("number")), bool(date), bool(ans.get("spans"))]
+                    if strict and sum(kinds) > 1:
+                        spans = None  # HF's builder skips the question
+                        break
+                    spans += [ans["number"]] if kinds[0] else ans.get("spans") or ([date] if date else [])
+                if spans is not None:
+                    yield {"section_id": section_id, "query_id": qa["query_id"], "passage": section["passage"],
+                           "question": qa["question"], "answers_spans": {"spans": spans}}
 
     def example(self, row: dict) -> Example | None:
-        answers = dedupe(s for s in row["answers_spans"]["spans"] if s.strip())
+        spans = row["answers_spans"]["spans"]
+        # HF's builder keeps every span as it is (MeZO trains on the first); ours drop empty and repeated ones
+        answers = tuple(spans) if self.protocol == "paper" else dedupe(s for s in spans if s.strip())
         if not answers:  # a handful of DROP questions have no usable answer; HF's builder skips them too
             return None
         return Example(fields={"passage": row["passage"], "question": row["question"]}, answers=answers,
                        uid=row["query_id"])
 
-    def encode(self, ex: Example) -> str:
-        return f"Passage: {ex.fields['passage']}\nQuestion: {ex.fields['question'].strip()}\nAnswer:"
+    def encode(self, ex: Example) -> Rendered:
+        return render("Passage: {passage}\nQuestion: {question}\nAnswer:", passage=ex.fields["passage"],
+                      question=ex.fields["question"].strip())

@@ -25,8 +25,10 @@ def read_jsonl(path: Path) -> tuple[dict, ...]:
 
 
 @cache
-def read_table(path: Path, columns: tuple[Column, Column | None, Column]) -> tuple[tuple[str, str | None, str], ...]:
-    """(text_a, text_b or None, label) per row of a .tsv or .csv file, whitespace-stripped.
+def read_table(path: Path, columns: tuple[Column, Column | None, Column],
+               strip: bool = True) -> tuple[tuple[str, str | None, str], ...]:
+    """(text_a, text_b or None, label) per row of a .tsv or .csv file, whitespace-stripped (the texts as written
+    with `strip=False`; labels are always stripped).
 
     Columns given by name mean the file has a header line. ``.tsv`` lines are split on tabs with no
     quote handling (GLUE/LM-BFF tsv files contain bare quote characters); ``.csv`` goes through the
@@ -41,4 +43,5 @@ def read_table(path: Path, columns: tuple[Column, Column | None, Column]) -> tup
         header, rows = rows[0], rows[1:]
         columns = tuple(header.index(c) if isinstance(c, str) else c for c in columns)  # type: ignore[assignment]
     a, b, y = columns
-    return tuple((r[a].strip(), None if b is None else r[b].strip(), r[y].strip()) for r in rows)  # type: ignore[index]
+    text = str.strip if strip else str
+    return tuple((text(r[a]), None if b is None else text(r[b]), r[y].strip()) for r in rows)  # type: ignore[index]

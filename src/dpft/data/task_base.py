@@ -7,6 +7,7 @@ family imports the registry back.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Any, ClassVar, Literal
 DATA_ENV = "DPFT_DATA_DIR"
 
 Split = Literal["train", "val", "test"]
+# `task.protocol`: `paper` feeds the model the token ids of the papers' reference code (MeZO's for the MeZO tasks,
+# LM-BFF's for the k-shot ones: docs/protocols.md); `dpft`, the default for new work, differs where noted there
+PROTOCOLS = ("dpft", "paper")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,56 @@ class ExampleBatch:
         return f"ExampleBatch({len(self)} examples)"
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A prompt's text and the character spans of the example's own text in it; the rest is the template, which
+    truncation never cuts (`dpft.models.scoring.shorten`)."""
+
+    text: str
+    fields: tuple[tuple[int, int], ...] = ()
+
+    def __add__(self, other: Rendered | str) -> Rendered:
+        other = other if isinstance(other, Rendered) else Rendered(other)
+        n = len(self.text)
+        return Rendered(self.text + other.text, self.fields + tuple((s + n, e + n) for s, e in other.fields))
+
+    def __radd__(self, other: str) -> Rendered:
+        return Rendered(other) + self
+
+    def clip(self, start: int, end: int) -> Rendered:
+        """The text[start:end] with its fields clipped to it."""
+        fields = tuple((max(s, start) - start, min(e, end) - start) for s, e in self.fields if min(e, end) > max(s, start))
+        return Rendered(self.text[start:end], fields)
+
+    def strip(self, chars: str | None = None) -> Rendered:
+        start = len(self.text) - len(self.text.lstrip(chars))
+        return self.clip(start, max(len(self.text.rstrip(chars)), start))
+
+    def lstrip(self, chars: str | None = None) -> Rendered:
+        return self.clip(len(self.text) - len(self.text.lstrip(chars)), len(self.text))
+
+    def rstrip(self, chars: str | None = None) -> Rendered:
+        return self.clip(0, len(self.text.rstrip(chars)))
+
+    def cut(self, index: int, end: int) -> Rendered:
+        """Field `index` ended at character `end` (its rest removed)."""
+        s, e = self.fields[index]
+        gone = e - end
+        fields = tuple((a, end) if i == index else (a - gone, b - gone) if a >= e else (a, b)
+                       for i, (a, b) in enumerate(self.fields))
+        return Rendered(self.text[:end] + self.text[e:], fields)
+
+
+def render(template: str, **values: str) -> Rendered:
+    """`template.format(**values)` (plain ``{name}`` fields only), with the values' spans as the fields."""
+    out = Rendered("")
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out += literal
+        if name is not None:
+            out += Rendered(values[name], ((0, len(values[name])),))
+    return out
+
+
 class MissingDataError(FileNotFoundError):
     """A task's files are neither in the local mirror nor reachable on the Hub."""
 
@@ -75,6 +129,8 @@ class Task:
 
     name: ClassVar[str]
     kind: ClassVar[Literal["classification", "multiple_choice", "generation"]]
+    paper: ClassVar[str] = ""  # the reference code `protocol="paper"` reproduces
+    paper_models: ClassVar[tuple[str, ...]] = ()  # the model kinds that reference code feeds
     metric: ClassVar[Literal["accuracy", "f1"]] = "accuracy"
     label_words: ClassVar[tuple[str, ...]] = ()  # classification only
     hub_id: ClassVar[tuple[str, ...]] = ()  # e.g. ("super_glue", "rte") for the error hint / Hub loading
@@ -82,6 +138,7 @@ class Task:
 
     data_seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "dpft"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -92,6 +149,24 @@ class Task:
         unknown = sorted(set(self.options) - set(self.option_names))
         if unknown:
             raise ValueError(f"task {self.name}: unknown options {unknown}; valid: {list(self.option_names)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"task {self.name}: task.protocol={self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+
+    def paper_settings(self) -> dict[str, Any]:
+        """What the reference code fixes beyond the templates: its length limits (`max_length`, ...)."""
+        return {}
+
+    def protocol_record(self, max_length: int, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """What results.json says about a run's inputs: the protocol, the reference code `paper` reproduces, the
+        run's lengths and the reference's, and `as_paper`: whether the model read the reference's token ids (the
+        paper protocol at the reference's lengths)."""
+        lengths = {"max_length": max_length}
+        if self.kind == "generation" and max_new_tokens is not None:
+            lengths["max_new_tokens"] = max_new_tokens
+        paper = {k: v for k, v in self.paper_settings().items() if k in lengths}
+        return {"name": self.protocol, "reference": self.paper or None, **lengths,
+                **{f"paper_{k}": v for k, v in paper.items()},
+                "as_paper": self.protocol == "paper" and all(lengths[k] == v for k, v in paper.items())}
 
     @property
     def num_labels(self) -> int:
@@ -112,15 +187,28 @@ class Task:
         raise NotImplementedError
 
     # --- templates --------------------------------------------------------------------------
-    def causal_prompt(self, ex: Example) -> str:
+    def causal_parts(self, ex: Example) -> tuple[Rendered, str, list[str]]:
+        """MeZO's ``verbalize(sample, c) == encode(sample) + sep + option``: (encode, sep, one option per
+        candidate). Classification: the label words; multiple choice: the candidates as the template writes them;
+        generation: the gold answer used for teacher forcing (the first answer), ending with a newline."""
         raise NotImplementedError
+
+    def causal_prompt(self, ex: Example) -> str:
+        encoded, sep, _ = self.causal_parts(ex)
+        return split_prompt(encoded.text, sep, ())[0]
 
     def causal_continuations(self, ex: Example) -> list[str]:
         """Classification: one per label word; multiple choice: one per candidate;
         generation: the gold answer used for teacher forcing (first answer)."""
-        raise NotImplementedError
+        encoded, sep, options = self.causal_parts(ex)
+        return split_prompt(encoded.text, sep, options)[1]
 
     def masked_prompt(self, ex: Example) -> tuple[str, str]:
+        left, right = self.masked_parts(ex)
+        return left.text, right.text
+
+    def masked_parts(self, ex: Example) -> tuple[Rendered, Rendered]:
+        """The masked-LM template's text left and right of ``<mask>`` (special tokens left out)."""
         raise NotImplementedError(f"task {self.name} has no masked-LM (LM-BFF) template")
 
     def text_pair(self, ex: Example) -> tuple[str, str | None]:

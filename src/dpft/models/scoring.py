@@ -14,6 +14,8 @@ per-example gradients read to clip the example, not the row.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dpft.data.task_base import Rendered, split_prompt
 from dpft.data.tasks import Example, Task
+
+log = logging.getLogger(__name__)
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,11 +81,44 @@ def float32_linear(layer: nn.Linear, x: torch.Tensor, chunk: int = 8192) -> torc
         return out + layer.bias.float() if layer.bias is not None else out
 
 
+def holds_template(rendered: Rendered, end: int) -> bool:
+    """Whether rendered.text[:end] holds template characters (any outside the example's fields)."""
+    position = 0
+    for s, e in sorted(rendered.fields):
+        if s > position and position < end:
+            return True
+        position = max(position, e)
+    return position < end
+
+
+def fit(pieces: list[Rendered], budget: int, count: Callable[[list[Rendered]], int],
+        offsets: Callable[[str], list[tuple[int, int]]], what: str) -> list[Rendered]:
+    """The pieces with the example's text shortened, never the template, until `count(pieces) <= budget`: each
+    round the longest field (in tokens, the first of equals) loses as many tokens at its end as are too many."""
+    pieces = list(pieces)
+    while (excess := count(pieces) - budget) > 0:
+        sizes = [(len(offsets(p.text[s:e])), i, j) for i, p in enumerate(pieces) for j, (s, e) in enumerate(p.fields)]
+        n, i, j = max(sizes, key=lambda t: (t[0], -t[1], -t[2]), default=(0, 0, 0))
+        if n == 0:
+            raise ValueError(f"{what}: the template alone needs {count(pieces)} tokens, more than the {budget} left "
+                             "by task.max_length; raise task.max_length")
+        s, e = pieces[i].fields[j]
+        keep = max(n - excess, 0)
+        end = s + offsets(pieces[i].text[s:e])[keep - 1][1] if keep else s
+        pieces[i] = pieces[i].cut(j, min(end, e - 1))
+    return pieces
+
+
 @dataclass
 class Scorer:
     task: Task
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 256
+
+    @property
+    def paper(self) -> bool:
+        """Whether the run feeds the model the reference code's token ids (`task.protocol=paper`)."""
+        return self.task.protocol == "paper"
 
     def collate(self, examples: list[Example], train: bool) -> dict[str, Any]:
         raise NotImplementedError
@@ -96,57 +134,104 @@ class Scorer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
 
 class CausalLMScorer(Scorer):
     max_new_tokens: int = 50
 
-    def _row(self, prompt: str, continuation: str) -> tuple[list[int], int]:
-        """BOS + prompt + continuation, the prompt cut from the left to fit; returns (ids, n_cont)."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        cont = self._encode(continuation)
-        room = self.max_length - len(bos) - len(cont)
-        prompt_ids = self._encode(prompt)[-room:] if room > 0 else []
-        return bos + prompt_ids + cont, len(cont)
+    def _bos(self) -> list[int]:
+        if self.paper:  # MeZO's run.py sets tokenizer.bos_token_id = 0 for OPT: <s>, where OPT was trained with </s>
+            return [self.tokenizer.convert_tokens_to_ids("<s>")]
+        return [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
 
-    def _single_token_words(self, example: Example | None = None) -> list[int] | None:
-        """Label-word ids when every classification candidate is one token: then one forward row per
-        example scores all candidates (classification continuations do not depend on the example)."""
-        if self.task.kind != "classification":
-            return None
-        if not hasattr(self, "_word_ids"):
-            ids = [self._encode(c) for c in self.task.causal_continuations(example)]
-            self._word_ids = [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
-        return self._word_ids
+    def rows(self, example: Example, train: bool) -> list[tuple[list[int], int]]:
+        """The token rows the model reads for one example, each with how many of its last tokens are scored: one per
+        candidate (classification; multiple choice in evaluation), the gold candidate's alone (multiple choice in
+        training), the prompt to decode from (generation in evaluation, 0 scored) or the gold answer's row
+        (generation in training). A row longer than task.max_length loses the example's text, never the template:
+        `_dpft_rows` and `_paper_row`."""
+        task = self.task
+        encoded, sep, options = task.causal_parts(example)
+        generation = task.kind == "generation"
+        if generation and not train:
+            options = [None]
+        elif train and task.kind == "multiple_choice":
+            options = [options[example.label]]
+        # MeZO's encode_prompt keeps max_new_tokens free for generation tasks, in training too (run.py passes them)
+        limit = self.max_length - (self.max_new_tokens if generation and (self.paper or not train) else 0)
+        if self.paper:
+            prompt_length = len(self._encode(encoded.strip(" ").text))
+            return [self._paper_row(encoded, sep, option, limit, prompt_length) for option in options]
+        return self._dpft_rows(encoded, sep, options, limit)
+
+    def _dpft_rows(self, encoded: Rendered, sep: str, options: list[str | None],
+                   limit: int) -> list[tuple[list[int], int]]:
+        """BOS + prompt + continuation, the prompt and each continuation tokenised apart (`split_prompt`: the
+        continuation's first token carries its leading space); a long prompt's longest field is shortened."""
+        bos, prompt = self._bos(), encoded.rstrip(" ")
+        prompt_ids = self._encode(prompt.text)
+        out = []
+        for option in options:
+            cont = [] if option is None else self._encode(split_prompt(encoded.text, sep, [option])[1][0])
+            budget = limit - len(bos) - len(cont)
+            ids = prompt_ids
+            if len(ids) > budget:
+                [short] = fit([prompt], budget, lambda ps: len(self._encode(ps[0].text)), self._offsets,
+                              f"task {self.task.name}")
+                ids = self._encode(short.text)
+            out.append((bos + ids + cont, len(cont)))
+        return out
+
+    def _paper_row(self, encoded: Rendered, sep: str, option: str | None, limit: int,
+                   prompt_length: int) -> tuple[list[int], int]:
+        """MeZO's utils.encode_prompt: the whole `encode + sep + option` tokenised at once, stripped of spaces at
+        both ends and of whitespace at its start; the last `len(verbalized) - len(encoded)` tokens are scored; a long
+        row loses tokens at its start, as MeZO's (`bos + ids[1:][-(max_length - 1):]`), when those are the example's
+        text, and else the longest field is shortened."""
+        verbalized = (encoded if option is None else encoded + sep + option).strip(" ")
+        scored = 0 if option is None else len(self._encode(verbalized.text)) - prompt_length
+        final = verbalized.lstrip()
+        ids = self._encode(final.text)
+        room = limit - 1
+        if len(ids) > room:
+            cut = len(ids) - room
+            if not holds_template(final, self._offsets(final.text)[cut - 1][1]):
+                ids = ids[cut:]
+            else:
+                [final] = fit([final], room, lambda ps: len(self._encode(ps[0].text)), self._offsets,
+                              f"task {self.task.name}")
+                ids = self._encode(final.text)
+        return self._bos() + ids, scored
 
     def collate(self, examples: list[Example], train: bool) -> dict[str, Any]:
         task = self.task
         batch: dict[str, Any] = {"examples": examples}
+        rows = [self.rows(ex, train) for ex in examples]
         if task.kind == "generation" and not train:
-            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-            rows = [bos + self._encode(task.causal_prompt(ex))[-(self.max_length - self.max_new_tokens - 1):]
-                    for ex in examples]
-            batch["input_ids"], batch["attention_mask"] = _pad(rows, self.tokenizer.pad_token_id, left=True)
+            batch["input_ids"], batch["attention_mask"] = _pad([r[0][0] for r in rows], self.tokenizer.pad_token_id,
+                                                               left=True)
             return batch
-        if self._single_token_words(examples[0]) is not None:
-            rows = [self._row(task.causal_prompt(ex), "")[0] for ex in examples]
-            batch["input_ids"], batch["attention_mask"] = _pad(rows, self.tokenizer.pad_token_id)
+        words = [tuple(ids[-1] for ids, _ in r) for r in rows]
+        if task.kind == "classification" and len(set(words)) == 1 and all(
+                n == 1 and ids[:-1] == r[0][0][:-1] for r in rows for ids, n in r):
+            # every candidate one token after the same prompt: one row per example scores them all
+            batch["input_ids"], batch["attention_mask"] = _pad([r[0][0][:-1] for r in rows], self.tokenizer.pad_token_id)
             batch["last"] = batch["attention_mask"].sum(1) - 1
+            batch["words"] = torch.tensor(words[0])
             batch["labels"] = torch.tensor([ex.label for ex in examples])
             return batch
-        # one row per (example, candidate); LM-style training only needs the gold row
-        rows, n_cont, owner = [], [], []
-        for i, ex in enumerate(examples):
-            conts = task.causal_continuations(ex)
-            if train and task.kind != "classification":
-                conts = conts[:1] if task.kind == "generation" else [conts[ex.label]]
-            for c in conts:
-                ids, n = self._row(task.causal_prompt(ex), c)
-                rows.append(ids)
+        # one row per (example, candidate); LM-style training only needs the gold row (see rows)
+        flat, n_cont, owner = [], [], []
+        for i, r in enumerate(rows):
+            for ids, n in r:
+                flat.append(ids)
                 n_cont.append(n)
                 owner.append(i)
-        batch["input_ids"], batch["attention_mask"] = _pad(rows, self.tokenizer.pad_token_id)
+        batch["input_ids"], batch["attention_mask"] = _pad(flat, self.tokenizer.pad_token_id)
         # the positions whose next token is a continuation token (padded with the last one, masked)
-        spans = [range(max(len(r) - n - 1, 0), len(r) - 1) for r, n in zip(rows, n_cont)]
+        spans = [range(max(len(r) - n - 1, 0), len(r) - 1) for r, n in zip(flat, n_cont)]
         width = max(max(len(s) for s in spans), 1)
         batch["predict_at"] = torch.tensor([[*s, *[s[-1] if s else 0] * (width - len(s))] for s in spans])
         batch["predict_mask"] = torch.arange(width) < torch.tensor([len(s) for s in spans])[:, None]
@@ -164,10 +249,9 @@ class CausalLMScorer(Scorer):
 
     def _candidate_scores(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """[B, C] mean log-likelihood per candidate (padded with -inf for ragged candidate lists)."""
-        words = self._single_token_words()
-        if words is not None:
+        if "words" in batch:
             last = logits_at(model, batch, batch["last"][:, None])[:, 0].float()
-            return torch.log_softmax(last, dim=-1)[:, words]
+            return torch.log_softmax(last, dim=-1)[:, batch["words"]]
         row_scores = self._mean_logprob(model, batch)
         owner = batch["owner"]
         n_ex = len(batch["examples"])
@@ -209,20 +293,60 @@ class MaskedLMScorer(Scorer):
             self._words = [self._encode(" " + w)[0] for w in self.task.label_words]
         return self._words
 
-    def collate(self, examples: list[Example], train: bool) -> dict[str, Any]:
+    def row(self, example: Example) -> tuple[list[int], int]:
+        """<s> left <mask> right </s> and the mask's position; a row longer than task.max_length loses the example's
+        text, never the template or the mask (its longest sentence is shortened at its end). `_paper_row` under
+        the paper protocol."""
+        if self.paper:
+            return self._paper_row(example)
         tok = self.tokenizer
-        rows, where = [], []
-        for ex in examples:
-            left, right = self.task.masked_prompt(ex)
-            left_ids, right_ids = self._encode(left), self._encode(right)
-            room = self.max_length - 3 - len(right_ids)
-            if room < len(left_ids):  # cut the (long) first sentence from its end, keep the template
-                left_ids = left_ids[: max(room, 0)]
-            row = [tok.cls_token_id, *left_ids, tok.mask_token_id, *right_ids][: self.max_length - 1]
-            row.append(tok.sep_token_id)
-            rows.append(row)
-            where.append(1 + len(left_ids))
-        input_ids, attention_mask = _pad(rows, tok.pad_token_id)
+        left, right = fit(list(self.task.masked_parts(example)), self.max_length - 3,
+                          lambda ps: sum(len(self._encode(p.text)) for p in ps), self._offsets,
+                          f"task {self.task.name}")
+        left_ids, right_ids = self._encode(left.text), self._encode(right.text)
+        return [tok.cls_token_id, *left_ids, tok.mask_token_id, *right_ids, tok.sep_token_id], 1 + len(left_ids)
+
+    def _paper_row(self, example: Example) -> tuple[list[int], int]:
+        """LM-BFF's tokenize_multipart_input: each template part tokenised alone (a one-character literal is that
+        token), sentence 0 capped at first_sent_limit tokens and the others at other_sent_limit, then the row's tail
+        cut at max_length when that takes only sentence tokens and the closing </s>; else (where LM-BFF would lose
+        the template or the mask) the longest sentence is shortened at its end."""
+        tok = self.tokenizer
+        settings = self.task.paper_settings()
+        special = {"cls": tok.cls_token_id, "mask": tok.mask_token_id, "sep": tok.sep_token_id,
+                   "sep+": tok.sep_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+        pieces = []
+        for kind, text, sentence in self.task.template_parts(example):
+            if kind == "special":
+                ids = [special[text]]
+            elif kind == "text":
+                ids = [tok.convert_tokens_to_ids(text)] if len(text) == 1 else self._encode(text)
+            else:
+                limit = settings["first_sent_limit"] if sentence == 0 else settings["other_sent_limit"]
+                ids = self._encode(text)[:limit]
+            pieces.append((kind, text, ids))
+        row = [i for _, _, ids in pieces for i in ids]
+        if len(row) > self.max_length:
+            tail = [(k, t) for k, t, ids in pieces for _ in ids][self.max_length:]
+            if tail[-1] in (("special", "sep"), ("special", "sep+")):
+                tail = tail[:-1]  # the closing </s>
+            if all(kind == "sent" for kind, _ in tail):
+                row = row[:self.max_length]
+            else:
+                sentences = [i for i, (kind, _, _) in enumerate(pieces) if kind == "sent"]
+                while (excess := sum(len(ids) for _, _, ids in pieces) - self.max_length) > 0:
+                    longest = max(sentences, key=lambda i: (len(pieces[i][2]), -i), default=None)
+                    if longest is None or not pieces[longest][2]:
+                        raise ValueError(f"task {self.task.name}: the template alone is longer than "
+                                         f"task.max_length={self.max_length}")
+                    kind, text, ids = pieces[longest]
+                    pieces[longest] = (kind, text, ids[:max(len(ids) - excess, 0)])
+                row = [i for _, _, ids in pieces for i in ids]
+        return row, row.index(tok.mask_token_id)
+
+    def collate(self, examples: list[Example], train: bool) -> dict[str, Any]:
+        rows, where = zip(*(self.row(ex) for ex in examples))
+        input_ids, attention_mask = _pad(list(rows), self.tokenizer.pad_token_id)
         return {"examples": examples, "input_ids": input_ids, "attention_mask": attention_mask,
                 "mask_pos": torch.tensor(where), "labels": torch.tensor([ex.label for ex in examples])}
 
@@ -266,9 +390,13 @@ def check_compatible(kind: str, task: Task, model_name: str) -> None:
             f"task {task.name} is a {task.kind} task, which needs a causal LM (prompted scoring/generation); "
             f"model {model_name} is a {kind}. Use model=opt-* (e.g. model=opt-tiny)."
         )
-    if kind == "masked_lm" and type(task).masked_prompt is Task.masked_prompt:
+    if kind == "masked_lm" and type(task).masked_parts is Task.masked_parts:
         raise ValueError(f"task {task.name} has no masked-LM (LM-BFF) template; use a causal LM (model=opt-*) "
                          f"or an LM-BFF task (e.g. task={task.name}-k512)")
+    if task.protocol == "paper" and kind not in task.paper_models:
+        raise ValueError(f"task.protocol=paper reproduces {task.paper}, for a {' or '.join(task.paper_models)}: "
+                         f"task {task.name} with model {model_name} (a {kind}) has no reference inputs; use "
+                         "task.protocol=dpft")
 
 
 def build_scorer(kind: str, task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -276,4 +404,9 @@ def build_scorer(kind: str, task: Task, tokenizer: PreTrainedTokenizerBase, max_
     scorer = SCORERS[kind](task=task, tokenizer=tokenizer, max_length=max_length)
     if isinstance(scorer, CausalLMScorer):
         scorer.max_new_tokens = max_new_tokens
+    record = task.protocol_record(max_length, max_new_tokens)
+    if task.protocol == "paper" and not record["as_paper"]:
+        log.warning("task.protocol=paper with %s: the reference used %s; longer examples are cut where the "
+                    "reference's were not", {k: record[k] for k in record if f"paper_{k}" in record},
+                    {k[6:]: v for k, v in record.items() if k.startswith("paper_")})
     return scorer

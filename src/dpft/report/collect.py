@@ -58,6 +58,13 @@ class Cell:
     # the configuration values that set this cell's runs apart from other runs of the same (task, model, method, ε)
     variant: dict[str, Any] = field(default_factory=dict)
     deltas: list[float] = field(default_factory=list)
+    # per run: whether it fed the model the paper's token ids (its results.json `protocol.as_paper`)
+    as_paper: list[bool] = field(default_factory=list)
+
+    @property
+    def paper_inputs(self) -> bool:
+        """Whether every run read the paper's inputs: else a paper's value beside it is not like for like."""
+        return bool(self.as_paper) and all(self.as_paper)
 
     @property
     def label(self) -> str:
@@ -100,6 +107,10 @@ class Comparison:
         return self.cell.mean - self.baseline.mean
 
     @property
+    def paper_inputs(self) -> bool:
+        return self.cell.paper_inputs and self.baseline.paper_inputs
+
+    @property
     def stderr(self) -> float:
         return math.hypot(self.cell.stderr, self.baseline.stderr)
 
@@ -124,6 +135,16 @@ def _eps(value: float) -> str:
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "–" if value is None else format(value, spec)
+
+
+NOT_PAPER_INPUTS = ("† Not the paper's inputs: the cell's runs did not all feed the model the paper's token ids "
+                    "(task.protocol=dpft, or other lengths than the paper's; results.json `protocol`, "
+                    "docs/protocols.md), so the paper's value beside it is not a like-for-like reference.")
+
+
+def _mark(reference: float | None, paper_inputs: bool) -> str:
+    """† beside a paper's value the runs are not like for like with (they did not read the paper's inputs)."""
+    return "†" if reference is not None and not paper_inputs else ""
 
 
 def _selection_text(row: dict[str, Any], latex: bool = False) -> str:
@@ -196,7 +217,7 @@ def _epsilon(results: dict[str, Any]) -> float:
 
 # the columns of `Report.rows()`, in order
 ROW_COLUMNS = ("task", "model", "method", "variant", "epsilon", "delta", "epsilon_spent", "n", "mean", "stderr",
-               "reference", "difference", "reference_source", "selected", "tried", "selection_epsilon",
+               "reference", "difference", "reference_source", "paper_inputs", "selected", "tried", "selection_epsilon",
                "selection_delta", "selection_runs", "baseline", "vs_baseline", "vs_baseline_stderr",
                "vs_baseline_reference", "peak_memory_gib", "seconds_per_step", "device_hours", "device",
                "forward_passes", "upload_bytes_per_client_round")
@@ -235,6 +256,7 @@ class Report:
                 "epsilon_spent": statistics.fmean(c.spent) if c.spent else None, "n": len(c.values),
                 "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
                 "difference": None if c.reference is None else c.mean - c.reference, "reference_source": c.source,
+                "paper_inputs": c.paper_inputs,
                 "selected": " ".join(f"{k}={v}" for k, v in c.selected.items()) or None, "tried": c.tried,
                 "selection_epsilon": c.selection_epsilon, "selection_delta": c.selection_delta,
                 "selection_runs": c.selection_runs or None,
@@ -268,8 +290,8 @@ class Report:
             method = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
             score = f"{r['mean']:.1f} ± {r['stderr']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
             cells = [r["task"], r["model"], method, _eps(r["epsilon"]), _fmt(r["delta"], ".3g"),
-                     _fmt(r["epsilon_spent"], ".3g"), str(r["n"]), score, _fmt(r["reference"]),
-                     _fmt(r["difference"], "+.1f")]
+                     _fmt(r["epsilon_spent"], ".3g"), str(r["n"]), score,
+                     _fmt(r["reference"]) + _mark(r["reference"], r["paper_inputs"]), _fmt(r["difference"], "+.1f")]
             if searched:
                 cells += [f"{r['selected']} (of {r['tried']})" if r["selected"] else "–", _selection_text(r)]
             cells += [_fmt(r["peak_memory_gib"], ".2f"), _fmt(r["seconds_per_step"], ".3g"),
@@ -284,7 +306,8 @@ class Report:
                 paper_delta = None if c.reference is None else c.difference - c.reference
                 lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.label} | {c.baseline.label} (ε="
                              f"{_eps(c.baseline.epsilon)}) | {_eps(c.cell.epsilon)} | {c.difference:+.1f} ± "
-                             f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')} | {_fmt(paper_delta, '+.1f')} |")
+                             f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')}{_mark(c.reference, c.paper_inputs)} | "
+                             f"{_fmt(paper_delta, '+.1f')} |")
         if self.split:
             lines += ["", "Runs of one (task, model, method, ε) with other settings are kept apart (a cell pools only "
                       "runs whose configurations agree but for the seeds):", *[f"- {line}" for line in self.split]]
@@ -295,6 +318,9 @@ class Report:
             lines += ["", "Hyperparameter selection:", *[f"- {line}" for line in self.selection]]
         if self.sources:
             lines += ["", "Paper values: " + "; ".join(self.sources) + "."]
+        if any(r["reference"] is not None and not r["paper_inputs"] for r in rows) or any(
+                c.reference is not None and not c.paper_inputs for c in self.comparisons):
+            lines += ["", f"{NOT_PAPER_INPUTS}"]
         if self.missing:
             lines += ["", f"Missing cells ({len(self.missing)}):",
                       *[f"- {t} / {m} / {meth} / ε={_eps(e)}" for t, m, meth, e in self.missing]]
@@ -319,14 +345,17 @@ class Report:
             diff = None if c.reference is None else c.mean - c.reference
             selection = f" & {_selection_text(r, latex=True)}" if searched else ""
             score = f"{c.mean:.1f} $\\pm$ {c.stderr:.1f}" if len(c.values) > 1 else f"{c.mean:.1f}"
+            mark = r"$^\dagger$" if _mark(c.reference, c.paper_inputs) else ""
             lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.label)} & {eps(c.epsilon)} & "
                          f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
-                         f"{score} & {_fmt(c.reference).replace('–', '--')} & "
+                         f"{score} & {_fmt(c.reference).replace('–', '--')}{mark} & "
                          f"{_fmt(diff, '+.1f').replace('–', '--')}{selection} & "
                          + " & ".join(_fmt(r[k], f).replace("–", "--") for k, f in (
                              ("peak_memory_gib", ".2f"), ("seconds_per_step", ".3g"), ("device_hours", ".3g")))
                          + " \\\\")
         lines += [r"\bottomrule", r"\end{tabular}"]
+        if any(_mark(c.reference, c.paper_inputs) for c in self.cells):
+            lines.append("% $^\\dagger$ " + NOT_PAPER_INPUTS[2:])
         if self.comparisons:
             lines += ["", r"\begin{tabular}{lllll}", r"\toprule",
                       r"Task & Model & Method $-$ baseline & $\varepsilon$ & Difference \\", r"\midrule"]
@@ -532,7 +561,8 @@ def _cell(key: CellKey, configurations: dict[tuple, list[dict]], searched: list[
                        if r["privacy"].get("epsilon_spent") is not None],
                 selected={searched[i]: choice[i] for i in varied}, tried=len(configurations),
                 costs=[run_cost(r) for r in runs], variant=variant,
-                deltas=[float(r["privacy"]["target_delta"]) for r in runs if r["privacy"].get("target_delta")])
+                deltas=[float(r["privacy"]["target_delta"]) for r in runs if r["privacy"].get("target_delta")],
+                as_paper=[bool((r.get("protocol") or {}).get("as_paper")) for r in runs])
 
 
 SELECTION_BOUND = (
