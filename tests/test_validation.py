@@ -60,6 +60,7 @@ BEFORE_DATA = [
     (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
     (["trainer.devices=-1"], "trainer.devices=-1 needs trainer=ddp"),  # every GPU: several
     (["trainer.devices='2'"], "trainer.devices=2 needs trainer=ddp"),  # a count spelled as a string
+    (["task.protocol=papers"], "task sst2: task.protocol='papers'; valid: dpft, paper"),
     (["method=zero_shot", "select=best_val"], "select=best_val chooses among the validations of a training run"),
     (["method=zero_shot", "trainer.max_steps=5", "select=best_val"],  # steps or not, zero-shot does not train
      "select=best_val chooses among the validations of a training run"),

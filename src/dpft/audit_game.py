@@ -330,6 +330,10 @@ def validate_audit(cfg: DictConfig) -> None:
     for key, value, ok, valid in checks:
         if not ok(value):
             raise ValueError(f"{key}={value} is invalid: must be {valid}")
+    size = build_task_from_config(cfg.task).train_size()  # before validate_config names it method.batch_size
+    if a.base_size > size:
+        raise ValueError(f"audit.base_size={a.base_size} exceeds the {size} training examples of task "
+                         f"{cfg.task.name}")
     if not validate_config(cfg):
         raise ValueError(f"method={cfg.method.name} is not private: nothing to audit (choose a private method, "
                          "e.g. dpzo, dpzero, dpsgd, anadp)")
@@ -397,10 +401,7 @@ def _play(cfg: DictConfig, family_size: int, familywise: float) -> dict[str, Any
     scorer = build_scorer(cfg.model.kind, task, load_tokenizer(cfg.model), max_length=cfg.task.max_length,
                           max_new_tokens=cfg.task.get("max_new_tokens", 50))
     splits = task.splits(("train", "val"))
-    base_size = int(cfg.audit.base_size)
-    if base_size > len(splits["train"]):
-        raise ValueError(f"audit.base_size={base_size} exceeds the {len(splits['train'])} training examples of "
-                         f"task {task.name}")
+    base_size = int(cfg.audit.base_size)  # at most the training set's size (validate_audit)
     base = splits["train"][:base_size]
     candidates = _candidates(splits["val"][: cfg.audit.candidates], task.num_labels)
 

@@ -54,6 +54,7 @@ from dpft.run_log import keep_run_log, log_results, quiet_library_noise
 from dpft.seeding import secret_seed
 from dpft.selection import BestValidation, main_validation_metric
 from dpft.validation import ConfigError, check_delta, needed_splits, validate_config
+from dpft.validation import trains as training_run
 
 log = logging.getLogger("dpft")
 
@@ -200,7 +201,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     scorer = build_scorer(cfg.model.kind, task, tokenizer, max_length=cfg.task.max_length,
                           max_new_tokens=cfg.task.get("max_new_tokens", 50))
 
-    trains = int(cfg.method.steps) > 0
+    trains = training_run(cfg)
     needed = needed_splits(cfg)
     ckpt = find_checkpoint(cfg, output_dir) if trains else None
     saved = read_checkpoint(ckpt) if ckpt else {}

@@ -200,7 +200,10 @@ def check_sources(cfg: DictConfig) -> None:
     for key, value in sources:
         if value:
             _check_source(key, value)
-    task = build_task_from_config(cfg.task)
+    try:
+        task = build_task_from_config(cfg.task)  # an unknown protocol, option or data seed: its own message
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         task.check_files(needed_splits(cfg))
         n = task.train_size() if trains(cfg) and not cfg.method.get("federated") else math.inf
@@ -213,7 +216,7 @@ def check_sources(cfg: DictConfig) -> None:
 
 def needed_splits(cfg: DictConfig) -> tuple[Split, ...]:
     """The splits a run reads: train when its method trains, val when it validates, test always."""
-    needed = ("train", "val", "test") if int(cfg.method.steps) > 0 else ("val", "test")
+    needed = ("train", "val", "test") if trains(cfg) else ("val", "test")
     return needed if cfg.get("validate", True) else tuple(s for s in needed if s != "val")
 
 
