@@ -87,6 +87,7 @@ SCOPE: tuple[Module, ...] = (
             "x_check_delta")),
     # methods/: the parts that clip, noise, count steps or decide what a private run releases
     Module("src/dpft/methods/base.py", (
+        "tests/test_method_base.py",
         "tests/test_privacy_claims.py::test_laplace_is_refused_before_data_for_l2_clipped_methods",
         "tests/test_privacy_claims.py::test_a_private_run_releases_no_raw_statistics_unless_asked",
         "tests/test_privacy_claims.py::test_diagnostics_are_released_only_on_request_and_listed",
