@@ -56,15 +56,24 @@ def devices(used: list[str] | None = None) -> str:
     return ", ".join(sorted(set(names)))
 
 
-def git_dirty(folder: Path | None = None) -> bool | None:
-    """Whether tracked files differ from the checked-out commit of dpft's checkout (or `folder`'s); None outside a
-    git checkout (an installed wheel)."""
+def _git(*args: str, folder: Path | None = None) -> str | None:
+    """git's output in dpft's checkout (or `folder`); None outside a git checkout (an installed wheel)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                             timeout=5, cwd=folder or Path(__file__).resolve().parent)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=folder or Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD")
+
+
+def git_dirty(folder: Path | None = None) -> bool | None:
+    """Whether tracked files differ from the checked-out commit (None outside a git checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", folder=folder)
+    return None if status is None else bool(status)
 
 
 def environment(used_devices: list[str] | None = None) -> dict[str, Any]:

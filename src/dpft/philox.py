@@ -41,7 +41,9 @@ _error: str | None = None
 
 
 class KernelUnavailable(RuntimeError):
-    pass
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message  # why it could not be built, without the advice
 
 
 def _cpu_signature() -> str:
@@ -126,9 +128,9 @@ def kernel() -> ctypes.CDLL:
                 _error = str(err)
         if _lib is None:
             raise KernelUnavailable(
-                f"dpft's Philox z kernel could not be built ({_error}). Install a C compiler (gcc or clang; "
-                f"$CC names another) or set method.z_generator=torch (torch's own generator: slower on CPU, "
-                f"and its z differ from Philox's, so runs are comparable only with the same setting)")
+                f"dpft's Philox z kernel could not be built ({_error}). Install a C compiler (gcc or clang; $CC "
+                f"names another) or set method.z_generator=torch (torch's own generator: slower on CPU, and its z "
+                f"differ from Philox's, so runs are comparable only with the same setting)", reason=_error)
         return _lib
 
 

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpft.environment import environment
+from dpft.environment import environment, git_commit
 
 if TYPE_CHECKING:  # torch and the methods load only where results are built: reports read them without
     import torch
@@ -82,15 +81,6 @@ def parameters_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, data_sizes: dict[str, int],
                   params_total: int, params_trainable: int, peak_memory: dict[str, int]) -> dict[str, Any]:
 
@@ -126,7 +116,7 @@ def build_results(cfg: DictConfig, module: MethodModule, wall_seconds: float, da
         **module.extra_results(),
         "data_sizes": data_sizes,
         "trainable_parameters_sha256": parameters_digest(module.model),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "environment": environment(list(peak_memory)),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -164,7 +154,7 @@ def build_failure(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
                   "traceback": traceback.format_exception(err)[-12:]},
         "privacy": {"target_epsilon": float(privacy.get("target_epsilon", math.inf)),
                     "target_delta": float(privacy.get("target_delta", 0.0))},
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "environment": environment(),
         "config": _container(cfg),
     }

@@ -12,15 +12,15 @@ import logging
 import re
 import warnings
 
-# (logger, message pattern): Lightning's advertisement, its echo of our own limit_*_batches=1.0, and the
-# "fewer batches than the logging interval" note (an epoch means nothing to a run counted in steps)
+# (logger, message pattern): Lightning's advertisement and its echo of our own limit_*_batches=1.0
 RANK_ZERO = "lightning.pytorch.utilities.rank_zero"  # where Lightning's messages are logged (filters act there)
 NOISE_LOGS = (
     (RANK_ZERO, r"💡 Tip: For seamless cloud logging"),
     (RANK_ZERO, r"`Trainer\(limit_(val|test)_batches=1\.0\)` was configured"),
 )
 # (category, message pattern): Lightning calling a torch API torch has deprecated; frozen encoders kept in eval
-# mode on purpose (method.trainable=head: no dropout in a fixed feature extractor); the logging-interval note
+# mode on purpose (method.trainable=head: no dropout in a fixed feature extractor); the "fewer batches than the
+# logging interval" note (an epoch means nothing to a run counted in steps)
 NOISE_WARNINGS = (
     (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     (Warning, r".*module\(s\) in eval mode"),

@@ -182,7 +182,7 @@ def z_generator_fallback(cfg: DictConfig) -> str | None:
         philox.kernel()
         return None
     except philox.KernelUnavailable as err:
-        reason = str(err).split(". Install")[0]
+        reason = err.reason
     with open_dict(cfg):
         cfg.method.z_generator = "torch"
     log.warning("method.z_generator=philox needs a C compiler: using torch's generator (slower on CPU; its z "

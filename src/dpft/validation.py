@@ -28,7 +28,7 @@ from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS
 from dpft.methods.zeroth_order import CLIP_TARGETS, DIRECTIONS, Z_GENERATORS
-from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model, resolve_source
+from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model, mirrored_tokenizer, resolve_source
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
 from dpft.models.precision import (
     AUTOCAST,
@@ -192,10 +192,8 @@ def check_sources(cfg: DictConfig) -> None:
     """The model's weights and tokenizer can be found, and a training batch fits in the training set: a
     missing folder or an impossible batch fails in a second, naming the key and the fix."""
     model = cfg.model
-    mirror = data_dir()
-    mirrored = model.get("tokenizer_mirror") and mirror is not None and (mirror / model.tokenizer_mirror).is_dir()
     sources = [("model.pretrained", model.get("pretrained"))]
-    if not mirrored:
+    if not mirrored_tokenizer(model):
         sources.append(("model.tokenizer", model.get("tokenizer") or model.get("pretrained")))
     for key, value in sources:
         if value:

@@ -46,14 +46,17 @@ def resolve_source(source: str | None) -> str | None:
     return source
 
 
-def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
-    """The local mirror's copy (`tokenizer_mirror` under $DPFT_DATA_DIR) if present, else `tokenizer`
-    or the model source itself."""
+def mirrored_tokenizer(cfg: Any) -> Path | None:
+    """The local mirror's copy of a model's tokenizer (`tokenizer_mirror` under $DPFT_DATA_DIR), if present."""
     mirror = data_dir()
-    if cfg.get("tokenizer_mirror") and mirror is not None and (mirror / cfg.tokenizer_mirror).is_dir():
-        source = str(mirror / cfg.tokenizer_mirror)
-    else:
-        source = resolve_source(cfg.get("tokenizer") or cfg.get("pretrained"))
+    path = mirror / cfg.tokenizer_mirror if cfg.get("tokenizer_mirror") and mirror is not None else None
+    return path if path is not None and path.is_dir() else None
+
+
+def load_tokenizer(cfg: Any) -> PreTrainedTokenizerBase:
+    """The local mirror's copy (`mirrored_tokenizer`) if present, else `tokenizer` or the model source itself."""
+    mirrored = mirrored_tokenizer(cfg)
+    source = str(mirrored) if mirrored else resolve_source(cfg.get("tokenizer") or cfg.get("pretrained"))
     if source is None:
         raise ValueError(f"model {cfg.name}: set model.tokenizer (or model.pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(source)
