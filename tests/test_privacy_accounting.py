@@ -325,8 +325,9 @@ def test_a_sigma_the_reporting_grid_rejects_is_never_returned(monkeypatch):
     """Fault injection: were the reporting grid to find more ε than the search grid, calibration refuses."""
     real = accounting.gaussian_epsilon
 
-    def stricter_when_reporting(sigma, q, steps, delta, accountant="pld", discretization=PLD_DISCRETIZATION):
-        epsilon = real(sigma, q, steps, delta, accountant, discretization)
+    def stricter_when_reporting(sigma, q, steps, delta, accountant="pld", discretization=PLD_DISCRETIZATION,
+                                replace_one=False):
+        epsilon = real(sigma, q, steps, delta, accountant, discretization, replace_one)
         return epsilon * 1.01 if discretization == PLD_DISCRETIZATION else epsilon
 
     monkeypatch.setattr(accounting, "gaussian_epsilon", stricter_when_reporting)

@@ -90,7 +90,7 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
         clip=cfg.method.clip, directions=int(cfg.method.get("directions", 1)),
         secure_mode=bool(cfg.privacy.get("secure_mode", False)),
         adjacency=f"add/remove one {unit}", sampling="Poisson over clients" if federated else "Poisson",
-        large_delta_allowed=large_delta,
+        large_delta_allowed=large_delta, convention=cfg.privacy.get("convention", "ours"),
     )
     log.info("privacy: %s", spec)
     return spec

@@ -39,7 +39,7 @@ from dpft.models.precision import (
     trained_dtype,
     unified_precision,
 )
-from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS
+from dpft.privacy.accounting import ACCOUNTANTS, MECHANISMS, PrivacyConfigError, check_convention
 from dpft.privacy.per_example import PerExampleGradients, UnsupportedLayerError
 from dpft.selection import SELECTIONS
 
@@ -343,6 +343,10 @@ def validate_privacy(p: DictConfig) -> None:
             raise ConfigError(f"privacy.accountant={p.get('accountant')!r} is not one of {ACCOUNTANTS}")
     elif p.target_delta != 0:
         raise ConfigError(f"privacy.target_delta={p.target_delta} is invalid: pure ε-DP (Laplace) has δ = 0")
+    try:
+        check_convention(p.get("convention", "ours"), mechanism, p.get("accountant"))
+    except PrivacyConfigError as err:
+        raise ConfigError(str(err)) from None
     for key in ("secure_mode", "allow_large_delta", "diagnostics"):
         if not isinstance(p.get(key, False), bool):
             raise ConfigError(f"privacy.{key}={p[key]} is invalid: must be true or false")

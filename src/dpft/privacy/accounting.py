@@ -6,6 +6,13 @@ Adjacency: add/remove one example. Sampling: Poisson with rate q. One step relea
 - Gaussian (ε, δ)-DP: a step is `PoissonSampled(q, Gaussian(σ_eff))`, composed T times; K directions
   with noise multiplier σ each are one Gaussian query of L2 sensitivity C·√K, i.e. σ_eff = σ/√K.
   ε is reported by the PLD accountant (tight, pessimistic discretisation) and cross-checked by RDP.
+- `convention="paper"`, DPZero's statement (Zhang et al. 2024): replace-one adjacency, under which two
+  neighbours' clipped sums differ by up to 2C (PLD's replace-one Gaussian event takes σ relative to C and
+  accounts the 2C itself). Sampling stays Poisson and ε comes from the PLD accountant: DPZero's code shuffles
+  fixed-size batches and calibrates with Opacus's Poisson RDP, an analysis its sampling does not have, and
+  dp-accounting's bound for fixed-size batches (RDP, sampling without replacement) needs about twice DPZero's
+  noise at the same ε, where replace-one Poisson PLD needs about 0.9 times (docs/privacy.md). dp-accounting's
+  RDP has no replace-one Poisson analysis, so such runs have no RDP cross-check.
 - Laplace pure ε-DP: a step with K directions of noise scale b is ε₀ = K·C/b-DP (L1 sensitivity K·C);
   Poisson subsampling amplifies it to ln(1 + q(e^ε₀ − 1)); T steps compose to T times that (basic
   composition). The PLD (ε, δ) of the same run is reported beside it for comparison.
@@ -36,6 +43,7 @@ logging.getLogger("absl").addFilter(_UnconvergedOrders())
 
 ACCOUNTANTS = ("pld", "rdp")
 MECHANISMS = ("gaussian", "laplace")
+CONVENTIONS = ("ours", "paper")  # add/remove one example (the suite's) | replace one example (DPZero's)
 # PLD grid: pessimistic (never under-reports ε); 1e-4 keeps the reported ε within ~1e-3 of exact.
 PLD_DISCRETIZATION = 1e-4
 # Calibration searches on a 10x coarser grid (10x faster). The coarse grid contains the fine one and
@@ -70,13 +78,20 @@ def gaussian_event(noise_multiplier: float, sample_rate: float, steps: int) -> d
                                    steps)
 
 
+def pld_accountant(discretization: float = PLD_DISCRETIZATION, replace_one: bool = False) -> pld.PLDAccountant:
+    relation = dpa.NeighboringRelation.REPLACE_ONE if replace_one else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=discretization)
+
+
 def _gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                      accountant: str = "pld", discretization: float = PLD_DISCRETIZATION) -> float:
-    """ε after `steps` Poisson-subsampled Gaussian steps (σ = effective noise multiplier)."""
+                      accountant: str = "pld", discretization: float = PLD_DISCRETIZATION,
+                      replace_one: bool = False) -> float:
+    """ε after `steps` Poisson-subsampled Gaussian steps (σ = effective noise multiplier), under add/remove
+    adjacency or, `replace_one`, replace-one (PLD whatever `accountant` says: RDP has no such analysis)."""
     if steps == 0:
         return 0.0
-    if accountant == "pld":
-        acc = pld.PLDAccountant(value_discretization_interval=discretization)
+    if accountant == "pld" or replace_one:
+        acc = pld_accountant(discretization, replace_one)
     elif accountant == "rdp":
         acc = rdp.RdpAccountant()
     else:
@@ -90,7 +105,7 @@ gaussian_epsilon = lru_cache(maxsize=4096)(_gaussian_epsilon)
 
 
 def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                       accountant: str = "pld", rel_tol: float = 1e-3) -> float:
+                       accountant: str = "pld", rel_tol: float = 1e-3, replace_one: bool = False) -> float:
     """Smallest noise multiplier (to `rel_tol`) whose ε does not exceed the target: never overshoots.
 
     Bisection on σ. RDP is cheap and never tighter than PLD, so it brackets the PLD search.
@@ -98,7 +113,7 @@ def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: 
     validate_request(target_epsilon, target_delta, sample_rate, steps, "gaussian")
 
     def eps(sigma: float, acc: str = accountant) -> float:
-        return gaussian_epsilon(sigma, sample_rate, steps, target_delta, acc, PLD_SEARCH_DISCRETIZATION)
+        return gaussian_epsilon(sigma, sample_rate, steps, target_delta, acc, PLD_SEARCH_DISCRETIZATION, replace_one)
 
     high = 1.0
     while eps(high, "rdp") > target_epsilon:
@@ -118,7 +133,8 @@ def calibrate_gaussian(target_epsilon: float, target_delta: float, sample_rate: 
         else:
             low = mid
     # the search ran on the coarse grid; the reporting grid must agree (a real check: `python -O` drops asserts)
-    if (spent := gaussian_epsilon(high, sample_rate, steps, target_delta, accountant)) > target_epsilon:
+    if (spent := gaussian_epsilon(high, sample_rate, steps, target_delta, accountant, PLD_DISCRETIZATION,
+                                  replace_one)) > target_epsilon:
         raise RuntimeError(f"calibration found σ={high:.6g} but its ε={spent:.6g} exceeds "
                            f"privacy.target_epsilon={target_epsilon}: report this as a bug")
     return high
@@ -151,7 +167,7 @@ def _laplace_pld_epsilon(noise_scale_over_clip: float, sample_rate: float, steps
     """(ε, δ) of the same Laplace run from the PLD accountant (K = 1), for comparison with Gaussian runs."""
     if steps == 0:
         return 0.0
-    acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    acc = pld_accountant()
     acc.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(sample_rate, dpa.LaplaceDpEvent(noise_scale_over_clip)), steps))
     return float(acc.get_epsilon(delta))
@@ -163,9 +179,16 @@ laplace_pld_epsilon = lru_cache(maxsize=1024)(_laplace_pld_epsilon)
 def composed_epsilon(blocks: Iterable[Mapping[str, Any]]) -> tuple[float, float]:
     """(ε, δ) of running all these runs on the same data (each a results.json privacy block): the Gaussian
     runs, each `steps` Poisson-subsampled Gaussian steps of its step noise multiplier, compose in one RDP
-    accountant (exact composition, never tighter than PLD) and δ is their smallest target δ; pure-ε
-    (Laplace) runs add their ε (basic composition, δ = 0). A non-private run makes ε infinite."""
-    accountant, pure, deltas = rdp.RdpAccountant(), 0.0, []
+    accountant (exact composition, never tighter than PLD; PLD for replace-one runs, which RDP cannot analyse)
+    and δ is their smallest target δ; pure-ε (Laplace) runs add their ε (basic composition, δ = 0). A
+    non-private run makes ε infinite."""
+    blocks = list(blocks)
+    conventions = {block.get("convention") or "ours" for block in blocks if block.get("mechanism") == "gaussian"}
+    if len(conventions) > 1:
+        raise PrivacyConfigError("runs under privacy.convention=ours (add/remove one example) and =paper (replace "
+                                 "one) bound different adjacencies: compose each convention's runs separately")
+    accountant = pld_accountant(replace_one=True) if conventions == {"paper"} else rdp.RdpAccountant()
+    pure, deltas = 0.0, []
 
     def field(block: Mapping[str, Any], key: str) -> Any:
         if block.get(key) is None:
@@ -214,6 +237,7 @@ class PrivacySpec:
     comparison_delta: float = 1e-5  # δ at which a Laplace run's PLD (ε, δ) is reported
     adjacency: str = "add/remove one example"
     sampling: str = "Poisson"
+    convention: str = "ours"  # ours (add/remove one example) | paper (DPZero's: replace one example)
     secure_mode: bool = False  # sampling and noise from the OS CSPRNG instead of the seeded generators
     large_delta_allowed: bool = False  # δ ≥ 1/n, run by explicit request (privacy.allow_large_delta=true)
 
@@ -226,7 +250,10 @@ class PrivacySpec:
             if self.directions != 1:
                 return None
             return laplace_pld_epsilon(self.noise_multiplier, self.sample_rate, steps, self.comparison_delta)
-        return gaussian_epsilon(self.step_noise_multiplier, self.sample_rate, steps, self.target_delta, accountant)
+        if self.convention == "paper" and accountant != "pld":
+            return None
+        return gaussian_epsilon(self.step_noise_multiplier, self.sample_rate, steps, self.target_delta, accountant,
+                                PLD_DISCRETIZATION, self.convention == "paper")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -235,7 +262,7 @@ class PrivacySpec:
 def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_delta: float, dataset_size: int,
               expected_batch_size: float, steps: int, clip: float, directions: int = 1,
               secure_mode: bool = False, adjacency: str = "add/remove one example",
-              sampling: str = "Poisson", large_delta_allowed: bool = False) -> PrivacySpec:
+              sampling: str = "Poisson", large_delta_allowed: bool = False, convention: str = "ours") -> PrivacySpec:
     """Calibrate the noise for (ε, δ, q, T) and return the run's privacy statement."""
     if dataset_size < 1:
         raise PrivacyConfigError("a private run needs a non-empty training set")
@@ -245,15 +272,33 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
         raise PrivacyConfigError(f"method.directions must be >= 1, got {directions}")
     sample_rate = expected_batch_size / dataset_size
     validate_request(target_epsilon, target_delta, sample_rate, steps, mechanism)
+    check_convention(convention, mechanism, accountant)
+    if convention == "paper":
+        adjacency = adjacency.replace("add/remove", "replace")
     if mechanism == "laplace":
         multiplier = step_multiplier = calibrate_laplace(target_epsilon, sample_rate, steps, directions)
         accountant = "basic"
     else:
-        step_multiplier = calibrate_gaussian(target_epsilon, target_delta, sample_rate, steps, accountant)
+        step_multiplier = calibrate_gaussian(target_epsilon, target_delta, sample_rate, steps, accountant,
+                                             replace_one=convention == "paper")
         multiplier = step_multiplier * math.sqrt(directions)
     return PrivacySpec(mechanism=mechanism, accountant=accountant, target_epsilon=float(target_epsilon),
                        target_delta=float(target_delta), sample_rate=sample_rate,
                        expected_batch_size=float(expected_batch_size), dataset_size=dataset_size, steps=steps,
                        clip=float(clip), directions=directions, noise_multiplier=multiplier,
                        step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode),
-                       adjacency=adjacency, sampling=sampling, large_delta_allowed=bool(large_delta_allowed))
+                       adjacency=adjacency, sampling=sampling, large_delta_allowed=bool(large_delta_allowed),
+                       convention=convention)
+
+
+def check_convention(convention: str, mechanism: str, accountant: str) -> None:
+    """Refuse what a convention has no analysis for."""
+    if convention not in CONVENTIONS:
+        raise PrivacyConfigError(f"privacy.convention={convention!r} is not one of {CONVENTIONS}")
+    if convention == "paper" and mechanism != "gaussian":
+        raise PrivacyConfigError(f"privacy.convention=paper (replace-one) is analysed for the Gaussian mechanism "
+                                 f"only, not privacy.mechanism={mechanism}: use privacy.convention=ours")
+    if convention == "paper" and accountant != "pld":
+        raise PrivacyConfigError(f"privacy.convention=paper (replace-one) is accounted by PLD (dp-accounting's RDP "
+                                 f"has no replace-one Poisson analysis), not privacy.accountant={accountant}: set "
+                                 "privacy.accountant=pld")

@@ -76,6 +76,7 @@ class PrivacyLedger:
             "mechanism": spec.mechanism,
             "accountant": spec.accountant,
             "adjacency": spec.adjacency,
+            "convention": spec.convention,
             "sampling": spec.sampling,
             "secure_mode": spec.secure_mode,
             "randomness": ("OS CSPRNG: the sampling seed is a secret kept in the run's checkpoint only, noise is "

@@ -60,11 +60,19 @@ class Cell:
     deltas: list[float] = field(default_factory=list)
     # per run: whether it fed the model the paper's token ids (its results.json `protocol.as_paper`)
     as_paper: list[bool] = field(default_factory=list)
+    # per private run: its privacy convention (results.json `privacy.convention`); the reference's, from the sweep
+    conventions: list[str] = field(default_factory=list)
+    reference_convention: str | None = None
 
     @property
     def paper_inputs(self) -> bool:
         """Whether every run read the paper's inputs: else a paper's value beside it is not like for like."""
         return bool(self.as_paper) and all(self.as_paper)
+
+    @property
+    def paper_privacy(self) -> bool:
+        """Whether every private run's privacy convention is the one the paper's value was obtained under."""
+        return same_convention([self], self.reference_convention)
 
     @property
     def label(self) -> str:
@@ -101,6 +109,7 @@ class Comparison:
     cell: Cell
     baseline: Cell
     reference: float | None = None  # the paper's difference, when it reports one
+    reference_convention: str | None = None
 
     @property
     def difference(self) -> float:
@@ -111,8 +120,17 @@ class Comparison:
         return self.cell.paper_inputs and self.baseline.paper_inputs
 
     @property
+    def paper_privacy(self) -> bool:
+        return same_convention([self.cell, self.baseline], self.reference_convention)
+
+    @property
     def stderr(self) -> float:
         return math.hypot(self.cell.stderr, self.baseline.stderr)
+
+
+def same_convention(cells: list[Cell], convention: str | None) -> bool:
+    """Whether the private runs of these cells all ran under `convention` (None: the paper did not state one)."""
+    return convention is None or all(c == convention for cell in cells for c in cell.conventions)
 
 
 def run_cost(results: dict[str, Any]) -> dict[str, Any]:
@@ -142,9 +160,17 @@ NOT_PAPER_INPUTS = ("† Not the paper's inputs: the cell's runs did not all fee
                     "docs/protocols.md), so the paper's value beside it is not a like-for-like reference.")
 
 
-def _mark(reference: float | None, paper_inputs: bool) -> str:
-    """† beside a paper's value the runs are not like for like with (they did not read the paper's inputs)."""
-    return "†" if reference is not None and not paper_inputs else ""
+NOT_PAPER_PRIVACY = ("‡ Not the paper's privacy convention: the cell's private runs were accounted under another "
+                     "adjacency than the paper's value (results.json `privacy.convention`; DPZero's is "
+                     "privacy.convention=paper, replace-one; docs/privacy.md), so at the same ε they add other noise.")
+
+
+def _mark(reference: float | None, paper_inputs: bool, paper_privacy: bool = True) -> str:
+    """† beside a paper's value the runs did not read the paper's inputs for, ‡ where they were accounted under
+    another privacy convention than the paper's: not like for like."""
+    if reference is None:
+        return ""
+    return ("" if paper_inputs else "†") + ("" if paper_privacy else "‡")
 
 
 def _selection_text(row: dict[str, Any], latex: bool = False) -> str:
@@ -217,7 +243,7 @@ def _epsilon(results: dict[str, Any]) -> float:
 
 # the columns of `Report.rows()`, in order
 ROW_COLUMNS = ("task", "model", "method", "variant", "epsilon", "delta", "epsilon_spent", "n", "mean", "stderr",
-               "reference", "difference", "reference_source", "paper_inputs", "selected", "tried", "selection_epsilon",
+               "reference", "difference", "reference_source", "paper_inputs", "paper_privacy", "selected", "tried", "selection_epsilon",
                "selection_delta", "selection_runs", "baseline", "vs_baseline", "vs_baseline_stderr",
                "vs_baseline_reference", "peak_memory_gib", "seconds_per_step", "device_hours", "device",
                "forward_passes", "upload_bytes_per_client_round")
@@ -256,7 +282,7 @@ class Report:
                 "epsilon_spent": statistics.fmean(c.spent) if c.spent else None, "n": len(c.values),
                 "mean": c.mean, "stderr": c.stderr, "reference": c.reference,
                 "difference": None if c.reference is None else c.mean - c.reference, "reference_source": c.source,
-                "paper_inputs": c.paper_inputs,
+                "paper_inputs": c.paper_inputs, "paper_privacy": c.paper_privacy,
                 "selected": " ".join(f"{k}={v}" for k, v in c.selected.items()) or None, "tried": c.tried,
                 "selection_epsilon": c.selection_epsilon, "selection_delta": c.selection_delta,
                 "selection_runs": c.selection_runs or None,
@@ -291,7 +317,8 @@ class Report:
             score = f"{r['mean']:.1f} ± {r['stderr']:.1f}" if r["n"] > 1 else f"{r['mean']:.1f}"
             cells = [r["task"], r["model"], method, _eps(r["epsilon"]), _fmt(r["delta"], ".3g"),
                      _fmt(r["epsilon_spent"], ".3g"), str(r["n"]), score,
-                     _fmt(r["reference"]) + _mark(r["reference"], r["paper_inputs"]), _fmt(r["difference"], "+.1f")]
+                     _fmt(r["reference"]) + _mark(r["reference"], r["paper_inputs"], r["paper_privacy"]),
+                     _fmt(r["difference"], "+.1f")]
             if searched:
                 cells += [f"{r['selected']} (of {r['tried']})" if r["selected"] else "–", _selection_text(r)]
             cells += [_fmt(r["peak_memory_gib"], ".2f"), _fmt(r["seconds_per_step"], ".3g"),
@@ -306,7 +333,8 @@ class Report:
                 paper_delta = None if c.reference is None else c.difference - c.reference
                 lines.append(f"| {c.cell.task} | {c.cell.model} | {c.cell.label} | {c.baseline.label} (ε="
                              f"{_eps(c.baseline.epsilon)}) | {_eps(c.cell.epsilon)} | {c.difference:+.1f} ± "
-                             f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')}{_mark(c.reference, c.paper_inputs)} | "
+                             f"{c.stderr:.1f} | {_fmt(c.reference, '+.2f')}"
+                             f"{_mark(c.reference, c.paper_inputs, c.paper_privacy)} | "
                              f"{_fmt(paper_delta, '+.1f')} |")
         if self.split:
             lines += ["", "Runs of one (task, model, method, ε) with other settings are kept apart (a cell pools only "
@@ -318,9 +346,9 @@ class Report:
             lines += ["", "Hyperparameter selection:", *[f"- {line}" for line in self.selection]]
         if self.sources:
             lines += ["", "Paper values: " + "; ".join(self.sources) + "."]
-        if any(r["reference"] is not None and not r["paper_inputs"] for r in rows) or any(
-                c.reference is not None and not c.paper_inputs for c in self.comparisons):
-            lines += ["", f"{NOT_PAPER_INPUTS}"]
+        marks = "".join(_mark(x.reference, x.paper_inputs, x.paper_privacy) for x in [*self.cells, *self.comparisons])
+        lines += ["", NOT_PAPER_INPUTS] if "†" in marks else []
+        lines += ["", NOT_PAPER_PRIVACY] if "‡" in marks else []
         if self.missing:
             lines += ["", f"Missing cells ({len(self.missing)}):",
                       *[f"- {t} / {m} / {meth} / ε={_eps(e)}" for t, m, meth, e in self.missing]]
@@ -345,7 +373,8 @@ class Report:
             diff = None if c.reference is None else c.mean - c.reference
             selection = f" & {_selection_text(r, latex=True)}" if searched else ""
             score = f"{c.mean:.1f} $\\pm$ {c.stderr:.1f}" if len(c.values) > 1 else f"{c.mean:.1f}"
-            mark = r"$^\dagger$" if _mark(c.reference, c.paper_inputs) else ""
+            mark = _mark(c.reference, c.paper_inputs, c.paper_privacy).replace("†", r"$^\dagger$").replace(
+                "‡", r"$^\ddagger$")
             lines.append(f"{esc(c.task)} & {esc(c.model)} & {esc(c.label)} & {eps(c.epsilon)} & "
                          f"{_fmt(r['epsilon_spent'], '.3g').replace('–', '--')} & {r['n']} & "
                          f"{score} & {_fmt(c.reference).replace('–', '--')}{mark} & "
@@ -354,8 +383,11 @@ class Report:
                              ("peak_memory_gib", ".2f"), ("seconds_per_step", ".3g"), ("device_hours", ".3g")))
                          + " \\\\")
         lines += [r"\bottomrule", r"\end{tabular}"]
-        if any(_mark(c.reference, c.paper_inputs) for c in self.cells):
+        marks = "".join(_mark(c.reference, c.paper_inputs, c.paper_privacy) for c in self.cells)
+        if "†" in marks:
             lines.append("% $^\\dagger$ " + NOT_PAPER_INPUTS[2:])
+        if "‡" in marks:
+            lines.append("% $^\\ddagger$ " + NOT_PAPER_PRIVACY[2:])
         if self.comparisons:
             lines += ["", r"\begin{tabular}{lllll}", r"\toprule",
                       r"Task & Model & Method $-$ baseline & $\varepsilon$ & Difference \\", r"\midrule"]
@@ -562,12 +594,15 @@ def _cell(key: CellKey, configurations: dict[tuple, list[dict]], searched: list[
                 selected={searched[i]: choice[i] for i in varied}, tried=len(configurations),
                 costs=[run_cost(r) for r in runs], variant=variant,
                 deltas=[float(r["privacy"]["target_delta"]) for r in runs if r["privacy"].get("target_delta")],
-                as_paper=[bool((r.get("protocol") or {}).get("as_paper")) for r in runs])
+                as_paper=[bool((r.get("protocol") or {}).get("as_paper")) for r in runs],
+                conventions=[r["privacy"].get("convention") or "ours" for r in runs
+                             if r["privacy"].get("mechanism") not in (None, "none")])
 
 
 SELECTION_BOUND = (
     "ε of the selection: per searched cell, all runs of its search (configurations × seeds × data seeds: the "
-    "data seeds' training sets are drawn from one pool) composed by dp-accounting's RDP accountant at the runs' "
+    "data seeds' training sets are drawn from one pool) composed by dp-accounting's RDP accountant (PLD for "
+    "replace-one runs, privacy.convention=paper) at the runs' "
     "target δ (pure-ε runs add up): a bound on the runs and the choice among them, which treats the validation "
     "split as public. Papernot & Steinke (2022) bound random search with a random number of runs, not this grid "
     "search: their result is not used.")
@@ -648,6 +683,7 @@ def _attach_sweep(report: Report, sweep: dict[str, Any]) -> None:
         targets = compared.get((key, ref["baseline"]), []) if "baseline" in ref else by_key.get(key, [])
         for target in targets:
             target.reference = float(ref["value"])
+            target.reference_convention = ref.get("convention", sweep.get("reference_convention"))
             if isinstance(target, Cell):
                 target.source = source
         used += [source] if targets and source not in used else []

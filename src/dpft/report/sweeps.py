@@ -18,7 +18,9 @@ A sweep file holds:
               on private runs is not in their per-run ε; `--search` runs and the report charges it
   compare:    [{method, baseline, baseline_epsilon?}]: the report shows method - baseline per cell
   reference:  the papers' values [{task, model, method, epsilon, value, source?}] (with `baseline:` a
-              paper's method - baseline difference), `reference_source` the default source
+              paper's method - baseline difference), `reference_source` the default source,
+              `reference_convention` (or a reference's `convention`) the privacy convention its values were
+              obtained under (ours | paper): the report marks ‡ where a cell's private runs used another
 Jobs land in `logs/tables/<name>/<overrides>/`; a job whose `results.json` says completed is skipped
 (`skip_existing=true`), so re-running resumes a sweep.
 """
@@ -34,12 +36,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dpft.config import CONFIG_DIR
+from dpft.privacy.accounting import CONVENTIONS
 
 SWEEPS_DIR = CONFIG_DIR.parent / "sweeps"
 # LAUNCHER -> conf/hydra/launcher/<config> (None: Hydra's basic launcher, one job after another)
 LAUNCHERS = {"basic": None, "joblib": "parallel", "slurm": "slurm", "slurm_multigpu": "slurm_multigpu"}
 SWEEP_KEYS = ("table", "description", "fixed", "grid", "arms", "when", "search", "selection", "compare",
-              "reference_source", "reference")
+              "reference_source", "reference_convention", "reference")
 REFERENCE_KEYS = ("task", "model", "method", "epsilon", "value")
 ARM_KEYS = ("method", "name", "privacy", "overrides", "only")
 
@@ -120,6 +123,8 @@ def check_sweep(sweep: dict[str, Any], where: Path | str) -> None:
             _fail(where, f"reference {ref}: missing {missing}")
         if not ref.get("source", sweep.get("reference_source")):
             _fail(where, f"reference {ref}: give its source (or a reference_source for the file)")
+        if ref.get("convention", sweep.get("reference_convention")) not in (None, *CONVENTIONS):
+            _fail(where, f"reference {ref}: its convention must be one of {CONVENTIONS}")
 
 
 def arm_name(arm: dict[str, Any]) -> str:
