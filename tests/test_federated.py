@@ -304,3 +304,32 @@ def test_more_clients_than_examples_is_refused_with_a_hint(make_cfg):
     cfg = make_cfg("model=opt-tiny", "task=sst2", "method=fedavg", "fed.clients=30", "method.batch_size=4")
     with pytest.raises(ValueError, match="lower fed.clients"):
         run(cfg)
+
+
+@requires_data
+def test_dr_encoder_local_noise_states_and_spends_the_local_guarantee(make_cfg):
+    """The paper's local noise: results.json says replace-one, local, no amplification; ε is dp-accounting's
+    replace-one PLD of the Gaussian at the run's own σ composed over prior + R rounds at q = 1, ≤ the target."""
+    cfg = make_cfg("model=opt-tiny", "task=sst2", "method=dr_encoder", "privacy=eps8", *FED, "trainer.max_steps=2",
+                   "method.prior_rounds=1", "method.encoder.steps=5", "method.noise_placement=local",
+                   "privacy.target_delta=3e-5")
+    p = run(cfg)["privacy"]
+    assert p["local"] and p["adjacency"] == "replace one client (each upload on its own: local)"
+    assert p["noise_placement"] == "each client, the full σC, before encoding" and p["epsilon_rdp"] is None
+    accountant = pld.PLDAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE,
+                                   value_discretization_interval=1e-4)
+    accountant.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(p["noise_multiplier"]), 3))
+    assert p["epsilon_spent"] == pytest.approx(accountant.get_epsilon(3e-5), rel=1e-6) and p["epsilon_spent"] <= 8
+    split = make_spec("gaussian", "pld", 8, 3e-5, p["dataset_size"], p["expected_batch_size"], 3, p["clip"])
+    assert p["noise_multiplier"] > 2 * split.noise_multiplier  # no amplification, replace-one: far more noise
+
+
+@requires_data
+@pytest.mark.parametrize("overrides,message", [
+    (["method.noise_placement=local", "privacy.accountant=rdp"], "method.noise_placement=local .* set privacy.acc"),
+    (["method.noise_placement=central"], "method.noise_placement"),
+])
+def test_dr_encoder_noise_placements_without_analysis_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(["model=opt-tiny", "task=sst2", "method=dr_encoder", "privacy=eps2",
+                                        *overrides]))

@@ -158,3 +158,18 @@ def test_the_report_marks_a_paper_value_beside_runs_under_another_convention(tmp
     assert "| 90.0 ± 0.0 | 91.8 | -1.8 |" in table and "| 91.0 ± 0.0 | 91.8‡ | -0.8 |" in table
     assert "‡ Not the paper's privacy convention" in table and "| 92.0 | 92.5 |" in table
     assert (tmp_path / "table.tex").read_text().count(r"$^\ddagger$") == 2
+
+
+def test_a_checkpoint_from_before_the_convention_resumes_and_a_changed_convention_does_not():
+    from dataclasses import asdict
+
+    from dpft.privacy.ledger import PrivacyStatementMismatch
+
+    spec = make_spec("gaussian", "pld", 2.0, 1e-5, 200, 10, 20, 1.0)
+    old = {k: v for k, v in asdict(spec).items() if k not in ("convention", "local")}
+    ledger = PrivacyLedger(spec)
+    ledger.load_state_dict({"spec": old, "steps": 3})
+    assert ledger.steps == 3
+    paper = make_spec("gaussian", "pld", 2.0, 1e-5, 200, 10, 20, 1.0, convention="paper")
+    with pytest.raises(PrivacyStatementMismatch, match="convention: 'ours' -> 'paper'"):
+        PrivacyLedger(paper).load_state_dict({"spec": old, "steps": 3})

@@ -91,6 +91,7 @@ def calibrate(cfg: DictConfig, dataset_size: int) -> PrivacySpec:
         secure_mode=bool(cfg.privacy.get("secure_mode", False)),
         adjacency=f"add/remove one {unit}", sampling="Poisson over clients" if federated else "Poisson",
         large_delta_allowed=large_delta, convention=cfg.privacy.get("convention", "ours"),
+        local=cfg.method.get("noise_placement") == "local",
     )
     log.info("privacy: %s", spec)
     return spec

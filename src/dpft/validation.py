@@ -26,7 +26,7 @@ from dpft.data.federated import PARTITIONS
 from dpft.data.tasks import DATA_ENV, MissingDataError, Split, build_task_from_config, data_dir
 from dpft.distributed import visible_gpus
 from dpft.methods.dp_first_order import OPTIMIZERS
-from dpft.methods.federated import AGGREGATIONS
+from dpft.methods.federated import AGGREGATIONS, NOISE_PLACEMENTS
 from dpft.methods.zeroth_order import CLIP_TARGETS, DIRECTIONS, Z_GENERATORS
 from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model, mirrored_tokenizer, resolve_source
 from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
@@ -182,7 +182,7 @@ def validate_config(cfg: DictConfig) -> bool:
                               "every trainable coordinate, a mask has no analysis; use method.mask_fraction=null")
     check_sources(cfg)
     if cfg.privacy.get("mechanism", "none") != "none":  # the budget's own values first, then the pairing
-        validate_privacy(cfg.privacy)
+        validate_privacy(cfg.privacy, local=m.get("noise_placement") == "local")
     private = check_privacy_pair(cfg)
     check_per_example_layers(cfg)
     return private
@@ -326,11 +326,15 @@ def federated_checks(cfg: DictConfig) -> list[Check]:
             ("method.encoder.lr", e.lr, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
             ("method.encoder.rows", e.rows, lambda v: _int(v) and v >= 1, "an integer >= 1"),
             ("method.encoder.var_floor", e.var_floor, lambda v: _number(v) and 0 < v < math.inf, "a finite number > 0"),
+            ("method.noise_placement", m.get("noise_placement", "split"), lambda v: v in NOISE_PLACEMENTS,
+             f"one of {NOISE_PLACEMENTS}"),
         ]
     return checks
 
 
-def validate_privacy(p: DictConfig) -> None:
+def validate_privacy(p: DictConfig, local: bool = False) -> None:
+    """The budget's own values; `local`: the method noises each unit's release on its own (DR-Encoder's local
+    noise), which has its own analysis."""
     mechanism = p.get("mechanism")
     if mechanism not in MECHANISMS:
         raise ConfigError(f"privacy.mechanism={mechanism!r} is not one of {MECHANISMS}")
@@ -344,7 +348,7 @@ def validate_privacy(p: DictConfig) -> None:
     elif p.target_delta != 0:
         raise ConfigError(f"privacy.target_delta={p.target_delta} is invalid: pure ε-DP (Laplace) has δ = 0")
     try:
-        check_convention(p.get("convention", "ours"), mechanism, p.get("accountant"))
+        check_convention(p.get("convention", "ours"), mechanism, p.get("accountant"), local)
     except PrivacyConfigError as err:
         raise ConfigError(str(err)) from None
     for key in ("secure_mode", "allow_large_delta", "diagnostics"):

@@ -187,3 +187,35 @@ def test_dr_encoder_stage_one_statistics_carry_sigma_c_noise(monkeypatch):
     # the average over the rounds of (Σ statistics + N(0, σ²C²)) / m: std σC / (m √rounds)
     check_std(torch.cat(reported), block["noise_multiplier"] * C / (block["expected_batch_size"] * math.sqrt(rounds)),
               "dr_encoder stage-1 statistics")
+
+
+def test_dr_encoder_local_noise_gives_every_client_the_full_sigma_c():
+    """method.noise_placement=local (the paper's): each client's upload carries N(0, σ²C²) on its own, in stage 2
+    for every number of clients, and in stage 1 on each client's statistics (the round's sum: |B|σ²C²)."""
+    built = build("dr_encoder", *run_overrides("dr_encoder"), f"method.clip={C}", "method.noise_placement=local")
+    module = built.module
+    block = module.privacy_block()
+    assert block["local"] and block["noise_placement"] == "each client, the full σC, before encoding"
+    std = block["noise_multiplier"] * C
+    shapes = [p.shape for p in built.params]
+    inputs: list[list[torch.Tensor]] = []
+    encode = module.autoencoder.encode
+    module.autoencoder.encode = lambda update: inputs.append([u.clone() for u in update]) or encode(update)
+    for clients in (1, 3, 8):
+        shares = []
+        for _ in range(16):
+            inputs.clear()
+            module.aggregate([[torch.zeros(s) for s in shapes] for _ in range(clients)])
+            assert len(inputs) == clients
+            shares += [torch.cat([t.flatten() for t in upload]) for upload in inputs]
+        check_std(torch.cat(shares), std, f"dr_encoder local, one client's upload of {clients}")
+
+    zero = [torch.zeros_like(p) for p in built.params]
+    updates, draws = [], []
+    module.local_update = lambda client, seed: updates.append(client) or ([z.clone() for z in zero], 0.0)
+    sample = module.noise.sample
+    module.noise.sample = lambda scale, shape: draws.append(scale) or sample(scale, shape)
+    for _ in range(20):
+        module.ledger.steps = 0
+        module.build_prior()
+    assert updates and draws == [std] * len(updates)  # one full draw per sampled client, none by the server

@@ -8,6 +8,7 @@ server turns the updates into one pseudo-gradient −Δ̄ for its optimizer (SGD
     fedavg       Δ̄ = mean_c Δ_c over the sampled clients (exactly clients_per_round; no privacy)
     dp_fedavg    Δ̄ = (Σ_c clip_C(Δ_c) + N(0, σ²C²)) / m,   noise drawn once by the server
     dr_encoder   client c uploads code_c = E(clip_C(Δ_c) + N(0, σ²C²/|B|)); Δ̄ = D(Σ_c code_c / m)
+                 (`noise_placement=local`, the paper's: code_c = E(clip_C(Δ_c) + N(0, σ²C²)))
 
 with m = clients_per_round (the expected number of sampled clients) and |B| the round's sampled count.
 
@@ -21,6 +22,12 @@ and every released model are post-processing of one sampled Gaussian mechanism p
 `dp-accounting` over prior_rounds + rounds rounds (σ calibrated once). This holds for the aggregate, i.e.
 a server that adds the codes up (secure aggregation) or is trusted; one client's code alone carries only
 its noise share.
+
+DR-Encoder with `noise_placement=local` (the paper's mode): every client adds the full N(0, σ²C²) to its own
+clipped update (and stage-1 statistics), so each upload is private on its own, against a server that sees it and
+knows whom it sampled: adjacency is replacing one client's data (its clipped contribution moves by up to 2C),
+with no amplification by sampling; a client's uploads over the prior_rounds + rounds rounds compose (at most one
+per round), accounted by PLD at q = 1 (`PrivacySpec.local`). The aggregate then carries |B|σ²C² of noise.
 
 DR-Encoder (Wu et al., AAAI-25; no public code, so the choices here are ours and stated in the config):
 - stage 1, the random prior (`prior_rounds` rounds, charged to the budget): sampled clients compute an
@@ -52,6 +59,7 @@ from dpft.privacy.noise import NoiseSource
 from dpft.seeding import derive_seed
 
 AGGREGATIONS = ("mean", "noisy_sum", "encoded")
+NOISE_PLACEMENTS = ("split", "local")  # DR-Encoder: shares of one central draw | each client the full σC
 # seed streams of one run
 _LOCAL, _NOISE, _PRIOR_SAMPLING, _AUTOENCODER = 0xC11E, 0x4015E, 0x9210, 0xAE
 
@@ -204,7 +212,7 @@ class FederatedLoRA(MethodModule):
     def __init__(self, *args: Any, fed: dict, aggregation: str = "mean", clip: float | None = None,
                  seed: int = 0, server_optimizer: str = "sgd", server_lr: float = 1.0,
                  privacy: PrivacySpec | None = None, prior_rounds: int = 0, encoder: dict | None = None,
-                 sampling_seed: int | None = None, **kwargs: Any):
+                 sampling_seed: int | None = None, noise_placement: str = "split", **kwargs: Any):
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"method.aggregation={aggregation!r} is not one of {AGGREGATIONS}")
@@ -214,6 +222,11 @@ class FederatedLoRA(MethodModule):
             raise ValueError("the privacy statement was calibrated for another clip")
         if privacy is not None:
             self.check_mechanism(privacy.mechanism)
+        if noise_placement not in NOISE_PLACEMENTS or (noise_placement == "local") != bool(privacy and privacy.local):
+            raise ValueError(f"method.noise_placement={noise_placement!r} does not match the privacy statement")
+        if noise_placement == "local" and aggregation != "encoded":
+            raise ValueError("method.noise_placement=local is DR-Encoder's (method.aggregation=encoded)")
+        self.noise_placement = noise_placement
         self.fed = dict(fed)
         self.aggregation, self.clip, self.seed = aggregation, clip, seed
         # who is sampled and which examples a client's local steps read (secure mode: a secret, see dpft.train)
@@ -291,11 +304,15 @@ class FederatedLoRA(MethodModule):
             generator = torch.Generator().manual_seed(derive_seed(derive_seed(self.sampling_seed, _PRIOR_SAMPLING), r))
             chosen = (torch.rand(n, generator=generator) < self.privacy.sample_rate).nonzero().flatten().tolist()
             round_sum = torch.zeros_like(total)
+            std = self.privacy.noise_multiplier * self.clip
             for client in chosen:
                 update, _ = self.local_update(client, derive_seed(self.sampling_seed, -1 - r))
                 round_sum += client_statistics([u.cpu() for u in clip_update(update, self.clip)], self.clip)
+                if self.noise_placement == "local":  # each client's statistics private on their own
+                    round_sum += self.noise.sample(std, tuple(round_sum.shape))
             self.prior_upload_bytes += len(chosen) * round_sum.numel() * 4
-            round_sum += self.noise.sample(self.privacy.noise_multiplier * self.clip, tuple(round_sum.shape))
+            if self.noise_placement == "split":
+                round_sum += self.noise.sample(std, tuple(round_sum.shape))
             total += round_sum / m
         floor = float(self.encoder_options.get("var_floor", 1e-2)) * self.clip ** 2 / self.update_numel
         self.prior = RandomPrior.from_statistics(total / self.prior_rounds, numels, self.clip, floor)
@@ -322,8 +339,9 @@ class FederatedLoRA(MethodModule):
             for update in clipped:
                 total = [t + u for t, u in zip(total, update)]
             return [t / m for t in total]
-        # encoded: each client adds its share of the one noise draw before encoding; the server adds the codes
-        share = std / math.sqrt(len(clipped)) if clipped else std
+        # encoded: each client adds its share of the one noise draw (local: the full draw) before encoding; the
+        # server adds the codes
+        share = std / math.sqrt(len(clipped)) if clipped and self.noise_placement == "split" else std
         uploads = [self.autoencoder.encode([u + n for u, n in zip(update, self.noise_like(update, share))])
                    for update in clipped]
         self.round_bytes.append(sum(c.numel() * c.element_size() for codes in uploads for c in codes))
@@ -424,13 +442,14 @@ class FederatedLoRA(MethodModule):
             return {**super().privacy_block(), "sampling": "clients_per_round clients without replacement"}
         block = self.ledger.report()
         block["prior_rounds"] = self.prior_rounds
-        block["noise_placement"] = ("split over the round's clients before encoding" if self.aggregation == "encoded"
-                                    else "server, on the sum")
+        block["noise_placement"] = {
+            "noisy_sum": "server, on the sum", "encoded": "split over the round's clients before encoding"}[
+            self.aggregation] if self.noise_placement == "split" else "each client, the full σC, before encoding"
         return block
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {**super().hyperparameters(), "aggregation": self.aggregation, "clip": self.clip,
                "server_optimizer": self.server_optimizer, "server_lr": self.server_lr, "fed": self.fed}
         if self.autoencoder is not None:
-            out["encoder"] = self.encoder_options
+            out["encoder"], out["noise_placement"] = self.encoder_options, self.noise_placement
         return out

@@ -13,6 +13,9 @@ Adjacency: add/remove one example. Sampling: Poisson with rate q. One step relea
   dp-accounting's bound for fixed-size batches (RDP, sampling without replacement) needs about twice DPZero's
   noise at the same ε, where replace-one Poisson PLD needs about 0.9 times (docs/privacy.md). dp-accounting's
   RDP has no replace-one Poisson analysis, so such runs have no RDP cross-check.
+- `local=True` (DR-Encoder's paper mode, each client noising its own upload fully): every upload is private on its
+  own against a server that sees it and knows who it sampled, so replace-one (the client's data replaced) and no
+  amplification by sampling: T rounds of the Gaussian at q = 1, accounted by PLD, whoever was sampled.
 - Laplace pure ε-DP: a step with K directions of noise scale b is ε₀ = K·C/b-DP (L1 sensitivity K·C);
   Poisson subsampling amplifies it to ln(1 + q(e^ε₀ − 1)); T steps compose to T times that (basic
   composition). The PLD (ε, δ) of the same run is reported beside it for comparison.
@@ -183,11 +186,15 @@ def composed_epsilon(blocks: Iterable[Mapping[str, Any]]) -> tuple[float, float]
     and δ is their smallest target δ; pure-ε (Laplace) runs add their ε (basic composition, δ = 0). A
     non-private run makes ε infinite."""
     blocks = list(blocks)
-    conventions = {block.get("convention") or "ours" for block in blocks if block.get("mechanism") == "gaussian"}
-    if len(conventions) > 1:
-        raise PrivacyConfigError("runs under privacy.convention=ours (add/remove one example) and =paper (replace "
-                                 "one) bound different adjacencies: compose each convention's runs separately")
-    accountant = pld_accountant(replace_one=True) if conventions == {"paper"} else rdp.RdpAccountant()
+    def adjacency(block: Mapping[str, Any]) -> str:
+        return "replace" if block.get("convention") == "paper" or block.get("local") else "add/remove"
+
+    adjacencies = {adjacency(block) for block in blocks if block.get("mechanism") == "gaussian"}
+    if len(adjacencies) > 1:
+        raise PrivacyConfigError("runs under add/remove adjacency (privacy.convention=ours) and replace-one "
+                                 "(privacy.convention=paper, local noise) bound different adjacencies: compose "
+                                 "each adjacency's runs separately")
+    accountant = pld_accountant(replace_one=True) if adjacencies == {"replace"} else rdp.RdpAccountant()
     pure, deltas = 0.0, []
 
     def field(block: Mapping[str, Any], key: str) -> Any:
@@ -211,7 +218,8 @@ def composed_epsilon(blocks: Iterable[Mapping[str, Any]]) -> tuple[float, float]
             deltas.append(float(field(block, "target_delta")))
             if steps:
                 accountant.compose(gaussian_event(float(field(block, "step_noise_multiplier")),
-                                                  float(field(block, "sample_rate")), steps))
+                                                  1.0 if block.get("local") else float(field(block, "sample_rate")),
+                                                  steps))
     delta = min(deltas, default=0.0)
     return pure + (float(accountant.get_epsilon(delta)) if deltas else 0.0), delta
 
@@ -238,6 +246,7 @@ class PrivacySpec:
     adjacency: str = "add/remove one example"
     sampling: str = "Poisson"
     convention: str = "ours"  # ours (add/remove one example) | paper (DPZero's: replace one example)
+    local: bool = False  # each unit's release is private on its own: replace-one, no amplification by sampling
     secure_mode: bool = False  # sampling and noise from the OS CSPRNG instead of the seeded generators
     large_delta_allowed: bool = False  # δ ≥ 1/n, run by explicit request (privacy.allow_large_delta=true)
 
@@ -250,10 +259,11 @@ class PrivacySpec:
             if self.directions != 1:
                 return None
             return laplace_pld_epsilon(self.noise_multiplier, self.sample_rate, steps, self.comparison_delta)
-        if self.convention == "paper" and accountant != "pld":
+        replace_one = self.convention == "paper" or self.local
+        if replace_one and accountant != "pld":
             return None
-        return gaussian_epsilon(self.step_noise_multiplier, self.sample_rate, steps, self.target_delta, accountant,
-                                PLD_DISCRETIZATION, self.convention == "paper")
+        return gaussian_epsilon(self.step_noise_multiplier, 1.0 if self.local else self.sample_rate, steps,
+                                self.target_delta, accountant, PLD_DISCRETIZATION, replace_one)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -262,7 +272,8 @@ class PrivacySpec:
 def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_delta: float, dataset_size: int,
               expected_batch_size: float, steps: int, clip: float, directions: int = 1,
               secure_mode: bool = False, adjacency: str = "add/remove one example",
-              sampling: str = "Poisson", large_delta_allowed: bool = False, convention: str = "ours") -> PrivacySpec:
+              sampling: str = "Poisson", large_delta_allowed: bool = False, convention: str = "ours",
+              local: bool = False) -> PrivacySpec:
     """Calibrate the noise for (ε, δ, q, T) and return the run's privacy statement."""
     if dataset_size < 1:
         raise PrivacyConfigError("a private run needs a non-empty training set")
@@ -272,15 +283,16 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
         raise PrivacyConfigError(f"method.directions must be >= 1, got {directions}")
     sample_rate = expected_batch_size / dataset_size
     validate_request(target_epsilon, target_delta, sample_rate, steps, mechanism)
-    check_convention(convention, mechanism, accountant)
-    if convention == "paper":
-        adjacency = adjacency.replace("add/remove", "replace")
+    check_convention(convention, mechanism, accountant, local)
+    replace_one = convention == "paper" or local
+    if replace_one:
+        adjacency = adjacency.replace("add/remove", "replace") + (" (each upload on its own: local)" if local else "")
     if mechanism == "laplace":
         multiplier = step_multiplier = calibrate_laplace(target_epsilon, sample_rate, steps, directions)
         accountant = "basic"
     else:
-        step_multiplier = calibrate_gaussian(target_epsilon, target_delta, sample_rate, steps, accountant,
-                                             replace_one=convention == "paper")
+        step_multiplier = calibrate_gaussian(target_epsilon, target_delta, 1.0 if local else sample_rate, steps,
+                                             accountant, replace_one=replace_one)
         multiplier = step_multiplier * math.sqrt(directions)
     return PrivacySpec(mechanism=mechanism, accountant=accountant, target_epsilon=float(target_epsilon),
                        target_delta=float(target_delta), sample_rate=sample_rate,
@@ -288,11 +300,11 @@ def make_spec(mechanism: str, accountant: str, target_epsilon: float, target_del
                        clip=float(clip), directions=directions, noise_multiplier=multiplier,
                        step_noise_multiplier=step_multiplier, secure_mode=bool(secure_mode),
                        adjacency=adjacency, sampling=sampling, large_delta_allowed=bool(large_delta_allowed),
-                       convention=convention)
+                       convention=convention, local=local)
 
 
-def check_convention(convention: str, mechanism: str, accountant: str) -> None:
-    """Refuse what a convention has no analysis for."""
+def check_convention(convention: str, mechanism: str, accountant: str, local: bool = False) -> None:
+    """Refuse what a convention (or local noise) has no analysis for."""
     if convention not in CONVENTIONS:
         raise PrivacyConfigError(f"privacy.convention={convention!r} is not one of {CONVENTIONS}")
     if convention == "paper" and mechanism != "gaussian":
@@ -302,3 +314,7 @@ def check_convention(convention: str, mechanism: str, accountant: str) -> None:
         raise PrivacyConfigError(f"privacy.convention=paper (replace-one) is accounted by PLD (dp-accounting's RDP "
                                  f"has no replace-one Poisson analysis), not privacy.accountant={accountant}: set "
                                  "privacy.accountant=pld")
+    if local and accountant != "pld":
+        raise PrivacyConfigError(f"method.noise_placement=local (replace-one, each upload on its own) is accounted "
+                                 f"by PLD (dp-accounting's RDP has no replace-one analysis), not "
+                                 f"privacy.accountant={accountant}: set privacy.accountant=pld")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ class PrivacyStatementMismatch(ValueError):
 
 
 def statement_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for every field of two PrivacySpec dicts that differs."""
+    """`key: saved -> current` for every field of two PrivacySpec dicts that differs (a field added since the
+    checkpoint was written counts as its default, which is what the checkpoint's run did)."""
+    saved = {**{f.name: f.default for f in fields(PrivacySpec) if f.default is not MISSING}, **saved}
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
@@ -77,6 +79,7 @@ class PrivacyLedger:
             "accountant": spec.accountant,
             "adjacency": spec.adjacency,
             "convention": spec.convention,
+            "local": spec.local,
             "sampling": spec.sampling,
             "secure_mode": spec.secure_mode,
             "randomness": ("OS CSPRNG: the sampling seed is a secret kept in the run's checkpoint only, noise is "
