@@ -122,6 +122,7 @@ def test_the_canary_moves_the_zo_score_by_one_over_sigma_noise_deviations():
     ("audit.confidence=1.5", "audit.confidence=1.5 is invalid"),
     ("method=mezo privacy=none", "method=mezo is not private: nothing to audit"),
     ("audit.base_size=5000", "audit.base_size=5000 exceeds"),
+    ("privacy.convention=paper", "privacy.convention=paper is invalid: must be ours: the game adds or removes"),
 ])
 def test_bad_audit_settings_fail_with_the_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -326,7 +326,9 @@ def validate_audit(cfg: DictConfig) -> None:
               ("audit.candidates", a.candidates, count(1), "an integer >= 1"),
               ("audit.clip_ratio", a.clip_ratio, lambda v: v is None or v > 0, "null or > 0"),
               ("audit.threads", a.threads, lambda v: v is None or count(1)(v), "null or an integer >= 1"),
-              ("trainer.max_steps", cfg.trainer.max_steps, count(1), "an integer >= 1 (steps per trial)")]
+              ("trainer.max_steps", cfg.trainer.max_steps, count(1), "an integer >= 1 (steps per trial)"),
+              ("privacy.convention", cfg.privacy.get("convention", "ours"), lambda v: v == "ours",
+               "ours: the game adds or removes one canary, it tests no replace-one claim")]
     for key, value, ok, valid in checks:
         if not ok(value):
             raise ValueError(f"{key}={value} is invalid: must be {valid}")
