@@ -44,6 +44,9 @@ def test_every_option_composes_and_resolves(group, tmp_path):
 PARAMS = {"opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1.316e9, "opt-2.7b": 2.652e9,
           "opt-6.7b": 6.658e9, "opt-13b": 12.85e9, "opt-30b": 29.97e9, "opt-66b": 65.7e9,
           "roberta-base": 124.6e6, "roberta-large": 355.3e6}
+# today's families: the published counts exactly (their model cards / safetensors index)
+EXACT_PARAMS = {"llama-3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+                "mistral-7b": 7_241_732_096, "llama-125m": 123_562_752}
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -55,8 +58,17 @@ def test_real_model_shapes_instantiate(name, tmp_path):
     assert math.isclose(n, PARAMS[name], rel_tol=0.01), n
 
 
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMS))
+def test_todays_families_instantiate_with_their_published_parameter_counts(name, tmp_path):
+    cfg = compose_config([f"model={name}", "model.pretrained=null", "model.dtype=float32"], tmp_path)
+    with torch.device("meta"):
+        model = load_model(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS[name]
+
+
 @requires_data
-@pytest.mark.parametrize("name", ["opt-tiny", "roberta-tiny", "minilm-l6"])
+@pytest.mark.parametrize("name", ["opt-tiny", "roberta-tiny", "minilm-l6", "llama-tiny", "qwen2-tiny", "gpt-neox-tiny",
+                                  "gemma-tiny"])
 def test_offline_models_instantiate_with_tokenizer(name, tmp_path):
     cfg = compose_config([f"model={name}"], tmp_path)
     tokenizer = load_tokenizer(cfg.model)

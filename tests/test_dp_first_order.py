@@ -21,6 +21,10 @@ pytestmark = requires_data
 
 CASES = [("opt-tiny", "sst2", "none"), ("opt-tiny", "sst2", "lora"), ("roberta-tiny", "sst2-k16", "none"),
          ("roberta-tiny", "sst2-k16", "lora"), ("opt-tiny", "copa", "none")]
+# today's families: RMSNorm (Gemma's 1 + w), gated MLPs, rotary grouped-query attention, q/k/v biases (Qwen2), a
+# fused QKV and parallel blocks (GPT-NeoX), tied (Llama, Gemma) and untied (Qwen2, GPT-NeoX) heads; full and LoRA
+FAMILIES = ("llama-tiny", "qwen2-tiny", "gpt-neox-tiny", "gemma-tiny")
+FAMILY_CASES = [(family, "sst2", peft) for family in FAMILIES for peft in ("none", "lora")]
 
 
 def _setup(model_name: str, task_name: str, peft: str, trainable: str = "no_embeddings"):
@@ -55,7 +59,7 @@ def _captured(model, scorer, params, examples):
     return per_example
 
 
-@pytest.mark.parametrize("model_name,task_name,peft", CASES)
+@pytest.mark.parametrize("model_name,task_name,peft", CASES + FAMILY_CASES)
 def test_per_example_norms_and_clipped_sums_equal_a_naive_loop(model_name, task_name, peft):
     model, scorer, params, examples = _setup(model_name, task_name, peft)
     naive = _naive(model, scorer, params, examples)

@@ -369,7 +369,7 @@ def test_unsupported_layers_tied_weights_and_foreign_parameters_are_refused_by_n
     parameter of no layer are refused at construction, by name (messages checked by hand)."""
     model = nn.Sequential(LinearWithScale())
     with pytest.raises(UnsupportedLayerError, match=r"layer '0.scale' \(Scale\) has trainable parameters but is not "
-                                                    r"supported \(supported: Linear, LayerNorm, Embedding\)"):
+                                                    r"supported \(supported: Linear, LayerNorm, RMSNorm, Embedding\)"):
         PerExampleGradients(model, model.parameters())
     PerExampleGradients(model, [model[0].weight, model[0].bias])  # frozen: fine
 

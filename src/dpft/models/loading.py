@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -221,7 +222,8 @@ def _load_model(model_cfg: Any, num_labels: int, meta: bool) -> nn.Module:
     else:
         if not model_cfg.get("config"):
             raise ValueError(f"model {model_cfg.name}: set model.pretrained or model.config")
-        config_kwargs = dict(model_cfg.config)
+        config = model_cfg.config  # plain containers: transformers' config classes check nested fields' types
+        config_kwargs = dict(OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config)
         config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
         with torch.random.fork_rng():  # tiny random models are identical in every run, whatever the seed
             torch.manual_seed(int(model_cfg.get("init_seed", 0)))

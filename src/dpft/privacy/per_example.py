@@ -38,8 +38,10 @@ it materialises B × |θ| gradients and HF models are not all vmap-safe. This im
 per-layer rules, and is checked in the tests against the definition (each example's gradient alone, its
 rows forwarded together) and against Opacus's per-sample gradients summed by hand per example.
 
-Supported layers: nn.Linear (incl. peft's LoRA factors), nn.LayerNorm, nn.Embedding. A trainable
-parameter anywhere else, or one shared by two layers (tied embeddings), is refused with its name.
+Supported layers: nn.Linear (incl. peft's LoRA factors), nn.LayerNorm, RMSNorm (nn.RMSNorm and the models' own
+`*RMSNorm` classes: Llama, Qwen2, Mistral scale x/rms(x) by w, Gemma by 1 + w, so both have the per-example
+gradient Σ_t g_t ⊙ x_t/rms(x_t)), nn.Embedding. A trainable parameter anywhere else, or one shared by two layers
+(tied embeddings), is refused with its name.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+SUPPORTED_NAMES = "Linear, LayerNorm, RMSNorm, Embedding"
+
+
+def rms_epsilon(module: nn.Module) -> float | None:
+    """The ε of an RMSNorm layer (torch's, or a model's own `*RMSNorm` with a weight and no bias); None if it is
+    not one."""
+    if isinstance(module, nn.RMSNorm):
+        return module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+    if not type(module).__name__.endswith("RMSNorm") or getattr(module, "bias", None) is not None:
+        return None
+    eps = next((getattr(module, a) for a in ("variance_epsilon", "eps") if hasattr(module, a)), None)
+    return float(eps) if isinstance(eps, int | float) else None
+
+
+def supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED) or rms_epsilon(module) is not None
 SUPPORTED_MODES = "full (all non-embedding weights), lora (method.peft.mode=lora), head (method.trainable=head)"
 
 
@@ -71,7 +89,7 @@ class PerExampleGradients:
             own = [p for p in module.parameters(recurse=False) if id(p) in trainable]
             if not own:
                 continue
-            if not isinstance(module, SUPPORTED):
+            if not supported(module):
                 elsewhere.update({id(p): f"{name!r} ({type(module).__name__})" for p in own})
                 continue
             for p in own:
@@ -87,7 +105,7 @@ class PerExampleGradients:
         if orphans:
             raise UnsupportedLayerError(
                 f"per-example gradients: layer {orphans[0]} has trainable parameters but is not supported "
-                f"(supported: {', '.join(t.__name__ for t in SUPPORTED)}). Freeze it or use a supported mode: "
+                f"(supported: {SUPPORTED_NAMES}). Freeze it or use a supported mode: "
                 f"{SUPPORTED_MODES}")
         if trainable - set(owner):
             raise UnsupportedLayerError(f"{len(trainable - set(owner))} trainable parameters belong to no layer")
@@ -210,8 +228,12 @@ class PerExampleGradients:
             yield name, module, a, g.float()
 
     @staticmethod
-    def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(a.float(), module.normalized_shape, None, None, module.eps)
+    def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """A LayerNorm's or RMSNorm's input before its scale (and shift): what its weight multiplies."""
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(a.float(), module.normalized_shape, None, None, module.eps)
+        a = a.float()
+        return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + rms_epsilon(module))
 
     @staticmethod
     def _ghost(t: int, d_in: int, d_out: int) -> bool:
@@ -241,10 +263,10 @@ class PerExampleGradients:
                         total += torch.einsum("bto,bti->boi", g, a32).pow(2).sum((1, 2))
                 if self._trains(module.bias):
                     total += g.sum(1).pow(2).sum(1)
-            elif isinstance(module, nn.LayerNorm):
+            elif not isinstance(module, nn.Embedding):  # LayerNorm, RMSNorm
                 if self._trains(module.weight):
                     total += (g * self._normalized(module, a)).sum(1).pow(2).sum(1)
-                if self._trains(module.bias):
+                if self._trains(getattr(module, "bias", None)):
                     total += g.sum(1).pow(2).sum(1)
             else:  # Embedding: rows of the same token add up
                 g = self._embedding_grad(module, a, g)
@@ -269,7 +291,7 @@ class PerExampleGradients:
             if isinstance(module, nn.Linear):
                 grads["weight"] = torch.einsum("bto,bti->oi", gc, a.float())
                 grads["bias"] = gc.sum((0, 1))
-            elif isinstance(module, nn.LayerNorm):
+            elif not isinstance(module, nn.Embedding):  # LayerNorm, RMSNorm
                 grads["weight"] = (gc * self._normalized(module, a)).sum((0, 1))
                 grads["bias"] = gc.sum((0, 1))
             else:
