@@ -29,7 +29,7 @@ from dpft.methods.dp_first_order import OPTIMIZERS
 from dpft.methods.federated import AGGREGATIONS, NOISE_PLACEMENTS
 from dpft.methods.zeroth_order import CLIP_TARGETS, DIRECTIONS, Z_GENERATORS
 from dpft.models.loading import HEAD_INITS, MODEL_KINDS, load_model, mirrored_tokenizer, resolve_source
-from dpft.models.peft import PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
+from dpft.models.peft import LORA_PRESETS, PEFT_MODES, TRAINABLE_MODES, apply_peft, select_trainable
 from dpft.models.precision import (
     AUTOCAST,
     CASTING,
@@ -159,11 +159,13 @@ def validate_config(cfg: DictConfig) -> bool:
     _check(checks)
     choices = [("method.optimizer", m.get("optimizer"), sorted(OPTIMIZERS)),
                ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
+               ("method.peft.target_modules", targets if isinstance(targets := (m.get("peft") or {}).get(
+                   "target_modules"), str) else None, LORA_PRESETS),
                ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
                ("method.clip_target", m.get("clip_target"),
                 getattr(method_class(cfg), "clip_targets", CLIP_TARGETS) if m.get("clip_target") else ()),
                ("method.z_generator", m.get("z_generator"), Z_GENERATORS),
-         ("method.direction", m.get("direction"), DIRECTIONS),
+               ("method.direction", m.get("direction"), DIRECTIONS),
                ("model.kind", cfg.model.kind, MODEL_KINDS),
                ("model.dtype", cfg.model.get("dtype", "float32"), tuple(DTYPES)),
                ("model.trainable_dtype", cfg.model.get("trainable_dtype", "float32"), tuple(DTYPES)),

@@ -8,6 +8,36 @@ from typing import Any
 from torch import nn
 
 PEFT_MODES = ("none", "lora", "prefix")
+# LoRA target presets (`method.peft.target_modules`), found by the leaf names each architecture gives its linear
+# layers, not by one family's: OPT/Llama/Qwen2/Mistral/Gemma/Phi `q_proj k_proj v_proj o_proj|out_proj|dense`,
+# GPT-NeoX `query_key_value dense`, RoBERTa/BERT `query key value` + `attention.output.dense`; the MLP's
+# `gate_proj up_proj down_proj`, `fc1 fc2`, `dense_h_to_4h dense_4h_to_h`, `intermediate.dense output.dense`.
+# null keeps peft's default for the architecture (the q and v projections).
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query_key_value", "query", "key", "value"}
+ATTENTION_OUTPUT = ("attention.dense", "self_attn.dense", "attention.output.dense")
+MLP = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"}
+MLP_DENSE = ("intermediate.dense", "output.dense")
+LORA_PRESETS = ("attention", "attention_mlp")
+
+
+def lora_targets(model: nn.Module, preset: str) -> list[str]:
+    """The names of `model`'s linear layers a preset covers: `attention` (query, key, value and output
+    projections) or `attention_mlp` (and the MLP's matrices)."""
+    if preset not in LORA_PRESETS:
+        raise ValueError(f"method.peft.target_modules={preset!r} is not one of {LORA_PRESETS} or a list of names")
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        attention = leaf in ATTENTION or name.endswith(ATTENTION_OUTPUT)
+        mlp = leaf in MLP or (name.endswith(MLP_DENSE) and not name.endswith("attention.output.dense"))
+        if attention or (preset == "attention_mlp" and mlp):
+            names.append(name)
+    if not names:
+        raise ValueError(f"method.peft.target_modules={preset}: no attention projection found in "
+                         f"{type(model).__name__}; list the modules by name")
+    return names
 
 
 def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
@@ -20,11 +50,14 @@ def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
     import peft
 
     if mode == "lora":
+        targets = cfg.get("target_modules")
+        if isinstance(targets, str):
+            targets = lora_targets(getattr(model, "encoder", model), targets)
         peft_config = peft.LoraConfig(
             r=int(cfg.r),
             lora_alpha=int(cfg.alpha),
             lora_dropout=float(cfg.get("dropout", 0.0)),
-            target_modules=list(cfg.target_modules) if cfg.get("target_modules") else None,
+            target_modules=list(targets) if targets else None,
         )
     else:
         peft_config = peft.PrefixTuningConfig(num_virtual_tokens=int(cfg.num_virtual_tokens),

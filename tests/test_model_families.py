@@ -1,0 +1,66 @@
+"""Every method on today's open model families (tiny random Llama, Qwen2, GPT-NeoX, Gemma): a few real steps each,
+the ε spent within the target (the whole cross product: under a second a run)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dpft.train import run
+from tests.conftest import requires_data
+from tests.test_dp_first_order import FAMILIES
+
+pytestmark = requires_data
+
+METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dr_encoder")
+EXTRA = {"dpzopo": ["method.mask_queries=1"], "dr_encoder": ["fed.clients=6", "fed.local_steps=1",
+                                                            "fed.local_batch_size=2", "method.batch_size=2",
+                                                            "method.encoder.steps=2", "method.encoder.rows=4"]}
+CASES = [pytest.param(method, family, id=f"{family}-{method}") for family in FAMILIES for method in METHODS]
+
+
+@pytest.mark.parametrize("method,family", CASES)
+def test_every_method_runs_on_every_family_within_its_budget(make_cfg, method, family):
+    privacy = "privacy=none" if method == "mezo" else "privacy=eps4"
+    results = run(make_cfg(f"model={family}", "task=sst2", f"method={method}", privacy, *EXTRA.get(method, [])))
+    assert results["status"] == "completed" and 0.0 <= results["metrics"]["test/acc"] <= 100.0
+    p = results["privacy"]
+    if method != "mezo":
+        assert p["steps"] == p["budget_steps"] >= 3 and 0 < p["epsilon_spent"] <= 4.0
+
+
+# each architecture's attention projections and MLP matrices (written out from the model code)
+ATTENTION = {"opt-tiny": r"self_attn\.(q|k|v|out)_proj", "llama-tiny": r"self_attn\.[qkvo]_proj",
+             "qwen2-tiny": r"self_attn\.[qkvo]_proj", "gemma-tiny": r"self_attn\.[qkvo]_proj",
+             "gpt-neox-tiny": r"attention\.(query_key_value|dense)",
+             "roberta-tiny": r"attention\.self\.(query|key|value)|attention\.output\.dense"}
+MLP = {"opt-tiny": r"\.fc[12]", "llama-tiny": r"mlp\.(gate|up|down)_proj", "qwen2-tiny": r"mlp\.(gate|up|down)_proj",
+       "gemma-tiny": r"mlp\.(gate|up|down)_proj", "gpt-neox-tiny": r"mlp\.dense_(h_to_4h|4h_to_h)",
+       "roberta-tiny": r"intermediate\.dense|layer\.\d+\.output\.dense"}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+@pytest.mark.parametrize("preset", ["attention", "attention_mlp"])
+def test_lora_presets_adapt_each_architectures_own_projections(name, preset):
+    from dpft.models.loading import load_model
+    from dpft.models.peft import apply_peft
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"model={name}", "method=dpsgd_lora", f"method.peft.target_modules={preset}"])
+    pattern = ATTENTION[name] + (f"|{MLP[name]}" if preset == "attention_mlp" else "")
+    expected = {n for n, m in load_model(cfg.model).named_modules()
+                if isinstance(m, torch.nn.Linear) and re.search(f"({pattern})$", n)}
+    model = apply_peft(load_model(cfg.model), cfg.method.peft)
+    adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+               for n, _ in model.named_modules() if n.endswith("lora_A.default")}
+    assert adapted == expected and len(expected) >= 4
+
+
+def test_an_unknown_lora_preset_is_refused_before_data(make_cfg):
+    from dpft.validation import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"method.peft.target_modules='mlp_only' is not one of \('attention', 'attention_mlp'\)"):
+        validate_config(make_cfg("model=llama-tiny", "task=sst2", "method=dpsgd_lora", "privacy=eps4",
+                                 "method.peft.target_modules=mlp_only"))
