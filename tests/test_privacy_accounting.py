@@ -229,7 +229,7 @@ def test_every_step_is_journaled_before_it_runs(tmp_path):
 def test_a_statement_differs_in_every_field_that_either_side_has():
     assert statement_differences({"clip": 1.0, "steps": 5}, {"clip": 1.0, "steps": 5}) == []
     assert statement_differences({"clip": 1.0}, {"clip": 2.0, "secure_mode": True}) == [
-        "clip: 1.0 -> 2.0", "secure_mode: None -> True"]
+        "clip: 1.0 -> 2.0", "secure_mode: False -> True"]  # a field the checkpoint predates: its default
     assert statement_differences({"clip": 1.0, "old_field": 3}, {"clip": 1.0}) == ["old_field: 3 -> None"]
     ledger = PrivacyLedger(_statement())
     with pytest.raises(PrivacyStatementMismatch, match="clip: 0.5 -> 1.0"):

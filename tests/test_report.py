@@ -418,7 +418,8 @@ def test_a_searched_cell_reports_the_epsilon_of_all_its_runs_composed(tmp_path):
     # in table.md and table.csv, beside per-run ε, with the bound's name and δ
     table = (tmp_path / "table.md").read_text()
     assert f"| method.clip=200.0 (of 2) | {expected:.3g} (8 runs, δ=1e-05) |" in table
-    assert "RDP accountant at the runs' target δ" in table and "Papernot & Steinke" in table
+    assert "RDP accountant (PLD for replace-one runs, privacy.convention=paper) at the runs' target δ" in table
+    assert "Papernot & Steinke" in table
     assert "sst2-k512 / roberta-large / dpsgd / ε=6: 1 run(s) of the search did not complete" in table
     with (tmp_path / "table.csv").open() as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}

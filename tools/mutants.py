@@ -94,11 +94,12 @@ SCOPE: tuple[Module, ...] = (
         "tests/privacy_matrix/test_charging.py::test_raw_statistics_are_released_only_with_diagnostics",
         *matrix("refusals")),
            ("xǁMethodModuleǁcheck_mechanism", "xǁMethodModuleǁlog_raw", "xǁMethodModuleǁprivacy_block")),
-    Module("src/dpft/methods/zeroth_order.py", ("tests/test_private_zo.py", *matrix("clipping", "noise", "nonfinite")),
+    Module("src/dpft/methods/zeroth_order.py", ("tests/test_private_zo.py",
+                                                 *matrix("clipping", "noise", "nonfinite", "steps")),
            _dp("PrivateEstimator", "*") + _dp("ZerothOrder", "setup", "configure_optimizers", "training_step",
                                               "privacy_block", "raw_statistics")),
     Module("src/dpft/methods/dp_first_order.py", ("tests/test_dp_first_order.py",
-                                                  *matrix("clipping", "noise", "nonfinite")),
+                                                  *matrix("clipping", "noise", "nonfinite", "steps")),
            _dp("DPOptimizer", "*") + _dp("AdaptiveNoiseDPOptimizer", "*")
            + _dp("DPFirstOrder", "configure_optimizers", "training_step", "on_fit_start", "privacy_block",
                  "raw_statistics")),
@@ -106,7 +107,7 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_federated.py::test_a_round_without_noise_or_encoder_equals_fedavg_by_hand",
         "tests/test_federated.py::test_client_statistics_have_sensitivity_c_and_invert_to_the_moments",
         "tests/test_federated.py::test_fedavg_and_dp_fedavg_run_and_report_communication",
-        *matrix("clipping", "noise", "nonfinite")),
+        *matrix("clipping", "noise", "nonfinite", "steps")),
            ("x_flat_norm", "x_clip_update", "x_client_statistics")
            + _dp("FederatedLoRA", "aggregate", "noise_like", "training_step", "privacy_block", "raw_statistics")),
 )

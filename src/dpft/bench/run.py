@@ -505,6 +505,9 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, kept: bool = Fa
 
 # --- entry point --------------------------------------------------------------------------------
 SHAPES, LENGTHS, BATCHES = ("opt-tiny", "opt-125m", "roberta-base"), (64, 256), (8, 32)
+# every model config with an architecture block can be measured with random weights (`--shapes llama-125m ...`)
+BUILDABLE = tuple(sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")
+                         if OmegaConf.load(p).get("config") and OmegaConf.load(p).kind != "classifier"))
 PARTS = ("zo", "memory", "dpsgd", "ddp", "precision")
 
 
@@ -571,7 +574,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every one available)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="repeats of each measurement, in a Williams-design order (default 3)")
-    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="a part of the grid")
+    parser.add_argument("--shapes", nargs="+", choices=BUILDABLE, default=list(SHAPES),
+                        help="model configs to measure with random weights (default: the grid's)")
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
                         help=f"sequence lengths of the grid (default {' '.join(map(str, LENGTHS))})")
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES),

@@ -22,7 +22,8 @@ class PrivacyStatementMismatch(ValueError):
 def statement_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: saved -> current` for every field of two PrivacySpec dicts that differs (a field added since the
     checkpoint was written counts as its default, which is what the checkpoint's run did)."""
-    saved = {**{f.name: f.default for f in fields(PrivacySpec) if f.default is not MISSING}, **saved}
+    defaults = {f.name: f.default for f in fields(PrivacySpec) if f.default is not MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in current}, **saved}
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 

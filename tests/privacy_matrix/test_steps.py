@@ -1,0 +1,96 @@
+"""Claim 9 — one training step of every private method, as Lightning calls it: charged once before its data are read,
+an empty batch charged and released too (a pure-noise update that changes the weights), only privatised values
+logged unless privacy.diagnostics=true (then exactly the raw statistics each method lists), the results' privacy
+block counting every step, and a first-order method's optimizer state surviving a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import requires_data
+from tests.privacy_matrix.matrix import METHODS, PARAMETER_NOISE, build, family, run_overrides
+
+pytestmark = requires_data
+
+# what each step logs: privatised values (ε covers them) and, only with diagnostics, raw statistics of the data
+PRIVATISED = {"zeroth_order": {"train/projected_grad"}, "first_order": set(), "federated": {"fed/update_norm"}}
+RAW = {"zeroth_order": {"train/loss", "train/batch_size"}, "first_order": {"train/loss", "train/grad_norm_median",
+                                                                          "train/batch_size"},
+       "federated": {"train/loss", "fed/clients", "fed/upload_bytes"}}
+RAW_WHEN_EMPTY = {"zeroth_order": {"train/batch_size"}, "first_order": {"train/batch_size"},
+                  "federated": {"fed/clients", "fed/upload_bytes"}}
+
+
+def _expected(method: str, diagnostics: bool, empty: bool) -> set[str]:
+    kind = family(method)
+    privatised = set(PRIVATISED[kind])
+    raw = set(RAW_WHEN_EMPTY[kind] if empty else RAW[kind])
+    if method in PARAMETER_NOISE:  # DPGD-0th releases the noised weights; its projection is a raw clipped sum
+        privatised, raw = set(), raw | {"train/clipped_projected_grad"}
+    if method == "anadp":
+        privatised = {"anadp/sigma/"}  # one per group, prefix compared
+    return privatised | (raw if diagnostics else set())
+
+
+def _names(logged: list[str]) -> set[str]:
+    return {"anadp/sigma/" if name.startswith("anadp/sigma/") else name for name in logged}
+
+
+def _batch(built, indices: list[int]) -> dict:
+    if family(built.method) == "federated":
+        return {"clients": indices}
+    return built.batch(indices)
+
+
+@pytest.mark.parametrize("diagnostics", [False, True], ids=["private", "diagnostics"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_is_charged_once_released_even_when_empty_and_logs_what_it_may(method, diagnostics):
+    built = build(method, *run_overrides(method), f"privacy.diagnostics={str(diagnostics).lower()}")
+    module, ledger = built.module, built.module.ledger
+    built.stepper.start()
+    charged = ledger.steps  # DR-Encoder's stage-1 rounds
+    for step, indices in enumerate(([0, 3, 5], [])):
+        before = [p.detach().clone() for p in built.params]
+        built.stepper.logged.clear()
+        out = built.stepper.step(_batch(built, indices))
+        assert ledger.steps == charged + step + 1
+        assert _names(built.stepper.logged) == _expected(method, diagnostics, empty=not indices)
+        assert any(not torch.equal(b, p) for b, p in zip(before, built.params))  # released, noised: moved
+        assert out.dim() == 0
+        if indices and family(method) != "federated":
+            assert torch.isfinite(out) and out > 0  # the batch's mean loss
+    block = module.privacy_block()
+    assert block["steps"] == ledger.steps == charged + 2
+    assert block["epsilon_spent"] == pytest.approx(built.spec.epsilon(ledger.steps), rel=1e-12)
+    assert block["epsilon_spent"] < built.spec.target_epsilon  # two of the budget's steps, not all of them
+    raw = module.raw_statistics()  # end-of-run counts, released only as diagnostics
+    if family(method) == "zeroth_order":
+        assert raw == {"nonfinite_scalars": 0}
+    elif family(method) == "first_order":
+        assert raw == {"dropped_nonfinite_examples": 0}
+    else:
+        assert raw["nonfinite_client_updates"] == 0 and raw["communication/clients_per_round"] == [3, 0]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if family(m) == "first_order"])
+def test_a_first_order_methods_optimizer_state_survives_a_checkpoint(method):
+    """ANADP's allocation, its history and the dropped-example count come back with the checkpoint, before the first
+    resumed step (on_fit_start), so the resumed noise is the one the run had reached."""
+    first = build(method, *run_overrides(method))
+    for indices in ([0, 3, 5], [1, 2]):
+        first.stepper.step(first.batch(indices))
+    first.module.dp.dropped = 2
+    checkpoint: dict = {"state_dict": {}}
+    first.module.on_save_checkpoint(checkpoint)
+    resumed = build(method, *run_overrides(method))
+    resumed.module.on_load_checkpoint(checkpoint)
+    resumed.module.on_fit_start()
+    assert resumed.module.ledger.steps == 2 and resumed.module.dp.dropped == 2
+    assert resumed.module.raw_statistics() == {"dropped_nonfinite_examples": 2}
+    assert resumed.module.sigma_history == first.module.sigma_history
+    if method == "anadp":
+        assert resumed.module.dp.sigmas == first.module.dp.sigmas and len(first.module.sigma_history) == 2
+        block = resumed.module.privacy_block()
+        assert block["final_group_noise_multipliers"] == first.module.dp.sigmas
+        assert block["group_noise_multipliers_history"] == first.module.sigma_history
