@@ -64,3 +64,38 @@ def test_an_unknown_lora_preset_is_refused_before_data(make_cfg):
     with pytest.raises(ConfigError, match=r"method.peft.target_modules='mlp_only' is not one of \('attention', 'attention_mlp'\)"):
         validate_config(make_cfg("model=llama-tiny", "task=sst2", "method=dpsgd_lora", "privacy=eps4",
                                  "method.peft.target_modules=mlp_only"))
+
+
+@pytest.mark.parametrize("model,kind", [("llama-tiny", "causal_lm"), ("gemma-tiny", "causal_lm")])
+def test_the_papers_token_ids_are_refused_for_other_families(make_cfg, model, kind):
+    """task.protocol=paper reproduces MeZO's OPT token ids (its `<s>` BOS, its template spacing): on a Llama or Gemma
+    tokenizer those ids mean something else, so the run is refused before data, naming the fix."""
+    from dpft.validation import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=rf"written for opt {kind} models, not model={model} .* task.protocol=dpft"):
+        validate_config(make_cfg(f"model={model}", "task=sst2", "method=mezo", "task.protocol=paper"))
+    validate_config(make_cfg("model=opt-tiny", "task=sst2", "method=mezo", "task.protocol=paper"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_of_a_padded_batch_equals_each_prompt_alone(family):
+    """No pad token (EOS pads), prompts of different lengths padded on the left: greedy answers to SQuAD prompts in
+    one batch are those of each prompt decoded alone."""
+    from dpft.data.tasks import build_task
+    from dpft.models.loading import load_model, load_tokenizer
+    from dpft.models.scoring import build_scorer
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"model={family}", "task=squad"])
+    tokenizer = load_tokenizer(cfg.model)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the GPT-2 tokenizer has none of its own
+    task = build_task("squad", num_train=8, num_dev=4, num_test=8)
+    scorer = build_scorer(cfg.model.kind, task, tokenizer, max_length=96)
+    scorer.max_new_tokens = 6
+    model = load_model(cfg.model).eval()
+    examples = task.splits(("test",))["test"][:4]
+    batch = scorer.collate(examples, train=False)
+    assert batch["attention_mask"].sum(1).unique().numel() > 1 and (batch["attention_mask"][:, 0] == 0).any()
+    _, together = scorer.predict(model, batch)
+    alone = [scorer.predict(model, scorer.collate([ex], train=False))[1][0] for ex in examples]
+    assert together == alone and any(together)

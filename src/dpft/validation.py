@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
+from transformers import AutoConfig
 
 from dpft.data.federated import PARTITIONS
 from dpft.data.tasks import DATA_ENV, MissingDataError, Split, build_task_from_config, data_dir
@@ -204,6 +205,11 @@ def check_sources(cfg: DictConfig) -> None:
         task = build_task_from_config(cfg.task)  # an unknown protocol, option or data seed: its own message
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    family, paper_family = _model_type(model), PAPER_FAMILIES.get(model.kind)
+    if task.protocol == "paper" and family is not None and family != paper_family:
+        raise ConfigError(f"task.protocol=paper feeds the token ids of the papers' code, written for "
+                          f"{paper_family or 'no'} {model.kind} models, not model={model.name} ({family}): use "
+                          "task.protocol=dpft")
     try:
         task.check_files(needed_splits(cfg))
         n = task.train_size() if trains(cfg) and not cfg.method.get("federated") else math.inf
@@ -212,6 +218,21 @@ def check_sources(cfg: DictConfig) -> None:
     if cfg.method.batch_size > n:
         raise ConfigError(f"method.batch_size={cfg.method.batch_size} exceeds the {n} training examples of task "
                           f"{task.name}: set method.batch_size <= {n}, or use a task with more training examples")
+
+
+# the architectures whose token ids task.protocol=paper reproduces: MeZO's OPT code, LM-BFF's RoBERTa code
+PAPER_FAMILIES = {"causal_lm": "opt", "masked_lm": "roberta"}
+
+
+def _model_type(model: DictConfig) -> str | None:
+    """The architecture (`model_type`) a model config builds: from its `config` block, or the saved model's config
+    (None where that cannot be read before loading)."""
+    if not model.get("pretrained"):
+        return (model.get("config") or {}).get("model_type")
+    try:
+        return AutoConfig.from_pretrained(resolve_source(model.pretrained)).model_type
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def needed_splits(cfg: DictConfig) -> tuple[Split, ...]:
