@@ -14,10 +14,10 @@ from tests.test_dp_first_order import FAMILIES
 
 pytestmark = requires_data
 
-METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dr_encoder")
-EXTRA = {"dpzopo": ["method.mask_queries=1"], "dr_encoder": ["fed.clients=6", "fed.local_steps=1",
-                                                            "fed.local_batch_size=2", "method.batch_size=2",
-                                                            "method.encoder.steps=2", "method.encoder.rows=4"]}
+METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dp_fedavg", "dr_encoder")
+FEDERATED = ["fed.clients=6", "fed.local_steps=1", "fed.local_batch_size=2", "method.batch_size=2"]
+EXTRA = {"dpzopo": ["method.mask_queries=1"], "dp_fedavg": FEDERATED,
+         "dr_encoder": [*FEDERATED, "method.encoder.steps=2", "method.encoder.rows=4"]}
 CASES = [pytest.param(method, family, id=f"{family}-{method}") for family in FAMILIES for method in METHODS]
 
 
