@@ -94,3 +94,50 @@ def test_a_first_order_methods_optimizer_state_survives_a_checkpoint(method):
         block = resumed.module.privacy_block()
         assert block["final_group_noise_multipliers"] == first.module.dp.sigmas
         assert block["group_noise_multipliers_history"] == first.module.sigma_history
+
+
+def test_dpzopo_moves_only_its_data_free_mask_and_states_its_clip_rule():
+    """DP-ZOPO's steps (noise included) change exactly the coordinates of the mask chosen at setup: about
+    mask_fraction of the non-embedding weights, none of the embeddings; the block names the clipped scalar."""
+    built = build("dpzopo", *run_overrides("dpzopo"), "method.mask_fraction=0.05")
+    module = built.module
+    assert module.masks is not None and len(module.masks) == len(module._optimizer_order())
+    before = [p.detach().clone() for p in module._optimizer_order()]
+    for indices in ([0, 3, 5], []):
+        built.stepper.step(built.batch(indices))
+    embeddings = {id(m.weight) for m in module.model.modules() if isinstance(m, torch.nn.Embedding)}
+    selected = total = 0
+    for p, b, mask in zip(module._optimizer_order(), before, module.masks):
+        moved = (p.detach() != b).flatten().nonzero().flatten()
+        allowed = set(mask.tolist())
+        assert set(moved.tolist()) <= allowed and len(moved) >= 0.9 * len(allowed)
+        if id(p) in embeddings:
+            assert not allowed
+        else:
+            selected, total = selected + len(allowed), total + p.numel()
+    assert selected == round(0.05 * total)
+    assert module.privacy_block()["clip_target"] == "normalized"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_secure_mode_reaches_the_noise_every_method_draws(method):
+    """privacy.secure_mode=true: the noise source a step draws from is the OS CSPRNG (no generator to replay); off, a
+    seeded generator."""
+    for secure in (True, False):
+        built = build(method, *run_overrides(method), f"privacy.secure_mode={str(secure).lower()}")
+        kind = family(method)
+        source = (built.optimizer.estimator.noise if kind == "zeroth_order" else
+                  built.module.dp.noise if kind == "first_order" else built.module.noise)
+        assert source.secure is secure and (source.generator is None) is secure
+
+
+@pytest.mark.parametrize("clip,target,message", [
+    (0.0, "normalized", r"method.clip must be > 0, got 0.0"),
+    (-1.0, "difference", r"method.clip must be > 0, got -1.0"),
+    (1.0, "sum", r"method.clip_target='sum' is not one of \('difference', 'normalized'\)"),
+])
+def test_a_private_estimator_refuses_what_it_cannot_bound(clip, target, message):
+    from dpft.methods.zeroth_order import PrivateEstimator
+
+    with pytest.raises(ValueError, match=message):
+        PrivateEstimator(clip, target, 1.0, "gaussian", 4.0, seed=0)
