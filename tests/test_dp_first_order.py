@@ -263,3 +263,93 @@ def test_anadp_importance_reads_only_the_noised_gradient(monkeypatch):
     from_clean = float(torch.cat([(before[id(p)] * clean[id(p)]).abs().flatten() for p in members]).mean())
     assert dp.sensitivity[group] == pytest.approx(from_noised, rel=1e-6)  # β1 = 0: the current estimate
     assert abs(from_noised - from_clean) > 0.5 * from_noised  # so reading the clean gradient would fail here
+
+
+class _Recorded:
+    """A stand-in for PerExampleGradients with given squared per-example norms per layer: records the clip factors
+    the optimizer applies and the examples it drops (the oracle below never reads the optimizer's own formula)."""
+
+    def __init__(self, squared: dict[str, list[float]]):
+        self.squared = {k: torch.tensor(v, dtype=torch.float64) for k, v in squared.items()}
+        self.layers = [(name, torch.nn.Linear(1, 1)) for name in squared]
+        self.applied, self.dropped = None, []
+
+    def norms_by_layer(self):
+        return {k: v.clone() for k, v in self.squared.items()}
+
+    def accumulate(self, factors):
+        self.applied = factors
+
+    def drop(self, examples):
+        self.dropped.append(examples.clone())
+
+
+def test_the_applied_factor_bounds_every_example_even_at_norms_near_the_clip_floor():
+    """c_i·‖g_i‖ ≤ C exactly (float64) for norms from 1e-7 to 1e3 around C = 1e-6 and C = 2; an example at or under
+    the clip keeps c_i within 1e-3 of 1; a non-finite norm gets c_i = 0, is dropped and counted."""
+    for clip in (1e-6, 2.0):
+        norms = [1e-7, 5e-7, 1e-6, 2e-6, 3e-6, 0.5, 2.0, 7.0, 1e3, math.inf, math.nan]
+        stand_in = _Recorded({"a": [n * n * 0.36 for n in norms], "b": [n * n * 0.64 for n in norms]})
+        dp = DPOptimizer(stand_in, [], noise_multiplier=1.0, max_grad_norm=clip, expected_batch_size=4.0,
+                         noise=NoiseSource("gaussian", 0))
+        dp.clip_and_accumulate()
+        c = stand_in.applied.double()
+        for i, n in enumerate(norms):
+            if not math.isfinite(n):
+                assert c[i] == 0 and bool(stand_in.dropped[-1][i])
+                continue
+            assert c[i] * n <= clip and 0 <= c[i] <= 1
+            if n <= clip / 1.001 and n >= 1e-3:
+                assert c[i] >= 1 - 1e-3
+            elif n >= 1e-3:
+                assert c[i] * n >= clip * (1 - 1e-3)  # clipped to C, not below
+        assert dp.dropped == 2 and dp.last_norms[-1] == 0 and dp.last_norms[-2] == 0
+
+
+def test_examples_dropped_for_their_loss_add_to_those_dropped_for_their_gradient_and_the_count_accumulates():
+    stand_in = _Recorded({"a": [1.0, math.inf, 4.0, 9.0]})
+    dp = DPOptimizer(stand_in, [], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0,
+                     noise=NoiseSource("gaussian", 0))
+    dp.exclude(torch.tensor([False, False, True, False]))  # example 2's loss was NaN
+    dp.clip_and_accumulate()
+    assert stand_in.dropped[-1].tolist() == [False, True, True, False]  # both reasons, every row of each
+    assert dp.dropped == 2
+    dp.exclude(torch.tensor([True, False, False, False]))
+    assert dp.dropped == 3 and stand_in.dropped[-1].tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+def test_anadp_allocation_keeps_the_budget_in_every_branch(mix):
+    """Σ_k σ_k⁻² = σ⁻² (ANADP's budget identity) during warm-up, after it, and when the importance scores are all
+    zero or not finite; uniform exactly for the first warmup_steps updates; the importance EMAs as the paper writes
+    them, s ← β₁s + (1 − β₁)|θ·g|, u ← β₂u + (1 − β₂)|current − s|."""
+    stand_in = _Recorded({"a": [1.0], "b": [1.0], "c": [1.0]})
+    layers = [torch.nn.Linear(2, 2, bias=False) for _ in range(3)]
+    stand_in.layers = list(zip("abc", layers))
+    params = [m.weight for m in layers]
+    sigma = 1.7
+    dp = AdaptiveNoiseDPOptimizer(stand_in, params, noise_multiplier=sigma, max_grad_norm=3.0, expected_batch_size=4.0,
+                                  noise=NoiseSource("gaussian", 0), beta1=0.6, beta2=0.7, mix=mix, warmup_steps=2)
+    assert dp.group_clip == pytest.approx(3.0 / math.sqrt(3))
+
+    def budget():
+        return sum(s ** -2 for s in dp.sigmas.values())
+
+    assert budget() == pytest.approx(sigma ** -2, rel=1e-12)
+    grads = {id(p): torch.full_like(p, float(i + 1)) for i, p in enumerate(params)}
+    s = dict.fromkeys("abc", 0.0)
+    u = dict.fromkeys("abc", 0.0)
+    for step in range(4):
+        dp.update_importance(grads)
+        for g, p in zip("abc", params):
+            current = float((p.detach() * grads[id(p)]).abs().mean())
+            s[g] = 0.6 * s[g] + 0.4 * current
+            u[g] = 0.7 * u[g] + 0.3 * abs(current - s[g])
+            assert dp.sensitivity[g] == pytest.approx(s[g], rel=1e-12) and dp.uncertainty[g] == pytest.approx(u[g])
+        assert budget() == pytest.approx(sigma ** -2, rel=1e-12) and dp.steps == step + 1
+        uniform = len(set(round(v, 12) for v in dp.sigmas.values())) == 1
+        assert uniform == (step + 1 < 2 or mix == 0.0)
+    for bad in (0.0, math.nan):  # no usable importance: back to uniform, same budget
+        dp.sensitivity = dict.fromkeys("abc", bad)
+        weights = dp.allocation_weights()
+        assert weights == pytest.approx(dict.fromkeys("abc", 1 / 3))
