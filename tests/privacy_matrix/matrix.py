@@ -179,9 +179,11 @@ class Stepper:
 
     def __init__(self, module, optimizer, datamodule=None):
         self.module, self.optimizer, self.logged = module, optimizer, []
+        self.values: dict[str, tuple[Any, dict]] = {}  # the last value logged under each name, with its options
         wrapped = self._Optimizer(optimizer)
         module.optimizers = lambda use_pl_optimizer=True: wrapped
-        module.log = lambda name, value, **kwargs: self.logged.append(name)
+        module.log = lambda name, value, **kwargs: self.logged.append(name) or self.values.update(
+            {name: (value, kwargs)})
         if datamodule is not None:
             module._trainer = SimpleNamespace(datamodule=datamodule, global_step=0, logger=None)
 

@@ -5,6 +5,8 @@ block counting every step, and a first-order method's optimizer state surviving 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -37,6 +39,22 @@ def _names(logged: list[str]) -> set[str]:
     return {"anadp/sigma/" if name.startswith("anadp/sigma/") else name for name in logged}
 
 
+def _check_values(built, indices: list[int], out: torch.Tensor, diagnostics: bool) -> None:
+    """The values logged are the step's own: the released projection, the batch's size and mean loss."""
+    values, kind = built.stepper.values, family(built.method)
+    if kind == "zeroth_order":
+        released = built.optimizer.state["zo"]["projected_grads"][0]
+        name = "train/clipped_projected_grad" if built.method in PARAMETER_NOISE else "train/projected_grad"
+        if name in values:
+            assert torch.equal(torch.as_tensor(values[name][0]), torch.as_tensor(released))
+    if diagnostics and kind != "federated":
+        assert values["train/batch_size"][0] == float(len(indices))
+        if indices:
+            assert float(values["train/loss"][0]) == pytest.approx(float(out))
+    for _, options in values.values():
+        assert options.get("batch_size") == 1  # one value per step, averaged over steps as such
+
+
 def _batch(built, indices: list[int]) -> dict:
     if family(built.method) == "federated":
         return {"clients": indices}
@@ -50,16 +68,24 @@ def test_a_step_is_charged_once_released_even_when_empty_and_logs_what_it_may(me
     module, ledger = built.module, built.module.ledger
     built.stepper.start()
     charged = ledger.steps  # DR-Encoder's stage-1 rounds
+    passes = []
     for step, indices in enumerate(([0, 3, 5], [])):
         before = [p.detach().clone() for p in built.params]
         built.stepper.logged.clear()
+        forward_passes = module.forward_passes
         out = built.stepper.step(_batch(built, indices))
+        passes.append(module.forward_passes - forward_passes)
         assert ledger.steps == charged + step + 1
         assert _names(built.stepper.logged) == _expected(method, diagnostics, empty=not indices)
         assert any(not torch.equal(b, p) for b, p in zip(before, built.params))  # released, noised: moved
         assert out.dim() == 0
         if indices and family(method) != "federated":
             assert torch.isfinite(out) and out > 0  # the batch's mean loss
+        elif family(method) != "federated":
+            assert out == 0  # nothing to average: no NaN
+        _check_values(built, indices, out, diagnostics)
+    if family(method) != "federated":  # the cost does not reveal an empty batch
+        assert passes[0] == passes[1] > 0
     block = module.privacy_block()
     assert block["steps"] == ledger.steps == charged + 2
     assert block["epsilon_spent"] == pytest.approx(built.spec.epsilon(ledger.steps), rel=1e-12)
@@ -141,3 +167,20 @@ def test_a_private_estimator_refuses_what_it_cannot_bound(clip, target, message)
 
     with pytest.raises(ValueError, match=message):
         PrivateEstimator(clip, target, 1.0, "gaussian", 4.0, seed=0)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if family(m) == "zeroth_order"])
+def test_a_zeroth_order_run_counts_its_non_finite_scalars_in_its_raw_statistics(method):
+    """An example whose loss is NaN is dropped by the private estimator and counted; the end-of-run raw statistics
+    (released only as diagnostics) read that count from the run's own estimator."""
+    from types import SimpleNamespace
+
+    built = build(method, *run_overrides(method))
+    module = built.module
+    losses = module.per_example_losses
+    module.per_example_losses = lambda batch: losses(batch).index_fill(0, torch.tensor([1]), math.nan)
+    built.stepper.step(built.batch([0, 3, 5]))
+    counted = built.optimizer.estimator.nonfinite
+    assert counted >= 1
+    module._trainer = SimpleNamespace(global_step=1)  # a fitted module reads its optimizer's estimator
+    assert module.raw_statistics() == {"nonfinite_scalars": counted}
