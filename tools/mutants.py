@@ -98,7 +98,9 @@ SCOPE: tuple[Module, ...] = (
                                                  *matrix("clipping", "noise", "nonfinite", "steps")),
            _dp("PrivateEstimator", "*") + _dp("ZerothOrder", "setup", "configure_optimizers", "training_step",
                                               "privacy_block", "raw_statistics")),
-    Module("src/dpft/methods/dp_first_order.py", ("tests/test_dp_first_order.py",
+    Module("src/dpft/methods/dp_first_order.py", (
+        "tests/test_dp_first_order.py",
+        "tests/test_example_clipping.py::test_training_with_multi_token_label_words_clips_one_norm_per_example",
                                                   *matrix("clipping", "noise", "nonfinite", "steps")),
            _dp("DPOptimizer", "*") + _dp("AdaptiveNoiseDPOptimizer", "*")
            + _dp("DPFirstOrder", "configure_optimizers", "training_step", "on_fit_start", "privacy_block",
@@ -107,6 +109,7 @@ SCOPE: tuple[Module, ...] = (
         "tests/test_federated.py::test_a_round_without_noise_or_encoder_equals_fedavg_by_hand",
         "tests/test_federated.py::test_client_statistics_have_sensitivity_c_and_invert_to_the_moments",
         "tests/test_federated.py::test_fedavg_and_dp_fedavg_run_and_report_communication",
+        "tests/test_federated.py::test_upload_bytes_match_the_codes_actually_sent",
         *matrix("clipping", "noise", "nonfinite", "steps")),
            ("x_flat_norm", "x_clip_update", "x_client_statistics")
            + _dp("FederatedLoRA", "aggregate", "noise_like", "training_step", "privacy_block", "raw_statistics")),

@@ -90,6 +90,10 @@ def test_a_step_is_charged_once_released_even_when_empty_and_logs_what_it_may(me
     assert block["steps"] == ledger.steps == charged + 2
     assert block["epsilon_spent"] == pytest.approx(built.spec.epsilon(ledger.steps), rel=1e-12)
     assert block["epsilon_spent"] < built.spec.target_epsilon  # two of the budget's steps, not all of them
+    if family(method) == "federated":  # what the statement adds for federated runs
+        assert block["prior_rounds"] == int(built.cfg.method.get("prior_rounds", 0) or 0)
+        assert block["noise_placement"] == {"dp_fedavg": "server, on the sum",
+                                            "dr_encoder": "split over the round's clients before encoding"}[method]
     raw = module.raw_statistics()  # end-of-run counts, released only as diagnostics
     if family(method) == "zeroth_order":
         assert raw == {"nonfinite_scalars": 0}
@@ -120,6 +124,11 @@ def test_a_first_order_methods_optimizer_state_survives_a_checkpoint(method):
         block = resumed.module.privacy_block()
         assert block["final_group_noise_multipliers"] == first.module.dp.sigmas
         assert block["group_noise_multipliers_history"] == first.module.sigma_history
+        groups = len(first.module.dp.groups)
+        assert block["group_clip"] == pytest.approx(first.module.clip / math.sqrt(groups)) and groups > 1
+        resumed.module.sigma_history = [{"g": float(i)} for i in range(250)]  # long runs: about 100 kept, evenly
+        assert resumed.module.privacy_block()["group_noise_multipliers_history"] == [
+            {"g": float(i)} for i in range(0, 250, 2)]
 
 
 def test_dpzopo_moves_only_its_data_free_mask_and_states_its_clip_rule():
