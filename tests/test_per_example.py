@@ -448,3 +448,61 @@ def test_the_norm_rule_is_chosen_by_memory_for_each_linear_layer(monkeypatch):
     per_example.norms_by_layer()
     per_example.remove()
     assert asked == [(7, 5, 3)]  # T = 7 tokens, d_in = 5, d_out = 3
+
+
+class ScaledRMSNorm(nn.Module):
+    """A model's own RMSNorm in Gemma's form: x/rms(x)·(1 + w), its ε under `eps`."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(d) * 0.1), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+class LlamaStyleRMSNorm(ScaledRMSNorm):
+    """Llama's form: w·x/rms(x), its ε under `variance_epsilon`."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__(d, eps)
+        del self.eps
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+@pytest.mark.parametrize("norm", [lambda d: nn.RMSNorm(d), lambda d: nn.RMSNorm(d, eps=0.3),
+                                  lambda d: ScaledRMSNorm(d, 0.2), lambda d: LlamaStyleRMSNorm(d, 0.5)],
+                         ids=["torch-default-eps", "torch-eps", "gemma-style", "llama-style"])
+@pytest.mark.parametrize("owner", [None, [1, 0, 1, 2, 0]], ids=["rows", "multi-row"])
+def test_rms_norms_of_every_form_equal_each_example_alone(norm, owner):
+    """RMSNorm layers (torch's, with its ε or the dtype's default, and the models' own with ε under either name):
+    norms and clipped sums against each example alone, ε large enough that getting it wrong shows."""
+    torch.manual_seed(0)
+    model = Tiny()
+    model.ln = norm(D)
+    params = list(model.parameters())
+    examples = 3
+    owner = torch.arange(examples) if owner is None else torch.tensor(owner)
+    x = _ids(len(owner))
+    grads = _alone(model, params, _forward, x, owner, examples)
+    per_example = _captured(model, params, _forward, x, examples, None if owner.equal(torch.arange(3)) else owner)
+    _check(per_example, model, params, grads, examples, torch.tensor([0.3, 1.7, -0.5]))
+
+
+def test_a_norm_with_a_bias_or_without_an_epsilon_is_not_taken_for_an_rms_norm():
+    class BiasedRMSNorm(ScaledRMSNorm):
+        def __init__(self, d):
+            super().__init__(d, 0.1)
+            self.bias = nn.Parameter(torch.zeros(d))
+
+    class NoEpsRMSNorm(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+    for layer in (BiasedRMSNorm(D), NoEpsRMSNorm(D)):
+        with pytest.raises(UnsupportedLayerError, match=rf"\({type(layer).__name__}\) has trainable parameters"):
+            PerExampleGradients(nn.Sequential(layer), list(layer.parameters()))

@@ -173,3 +173,24 @@ def test_a_checkpoint_from_before_the_convention_resumes_and_a_changed_conventio
     paper = make_spec("gaussian", "pld", 2.0, 1e-5, 200, 10, 20, 1.0, convention="paper")
     with pytest.raises(PrivacyStatementMismatch, match="convention: 'ours' -> 'paper'"):
         PrivacyLedger(paper).load_state_dict({"spec": old, "steps": 3})
+
+
+def test_a_local_statement_is_replace_one_without_amplification():
+    """DR-Encoder's local noise: each upload private on its own, so T Gaussian releases at q = 1 under replace-one,
+    whatever q the clients are sampled at; σ minimal for it; RDP refused; composed likewise."""
+    n, m, steps, delta, target = 40, 4, 6, 1e-4, 5.0
+    spec = make_spec("gaussian", "pld", target, delta, n, m, steps, 0.3, adjacency="add/remove one client",
+                     local=True)
+    assert spec.local and spec.adjacency == "replace one client (each upload on its own: local)"
+    assert spec.sample_rate == m / n  # the clients are still sampled at q; the guarantee does not use it
+    expected = replace_one_epsilon(spec.noise_multiplier, 1.0, steps, delta)
+    assert spec.epsilon(steps) == pytest.approx(expected, rel=1e-6) and spec.epsilon(steps, "rdp") is None
+    assert expected <= target < replace_one_epsilon(spec.noise_multiplier * 0.99, 1.0, steps, delta)
+    amplified = make_spec("gaussian", "pld", target, delta, n, m, steps, 0.3, convention="paper")
+    assert spec.noise_multiplier > 2 * amplified.noise_multiplier
+    with pytest.raises(PrivacyConfigError, match="method.noise_placement=local .* set privacy.accountant=pld"):
+        make_spec("gaussian", "rdp", target, delta, n, m, steps, 0.3, local=True)
+    eps, _ = composed_epsilon([{**spec.as_dict(), "steps": 6}, {**spec.as_dict(), "steps": 2}])
+    assert eps == pytest.approx(replace_one_epsilon(spec.noise_multiplier, 1.0, 8, delta), rel=1e-3)
+    with pytest.raises(PrivacyConfigError, match="different adjacencies"):
+        composed_epsilon([spec.as_dict(), make_spec("gaussian", "pld", target, delta, n, m, steps, 0.3).as_dict()])

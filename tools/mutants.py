@@ -61,7 +61,13 @@ def _dp(cls: str, *methods: str) -> tuple[str, ...]:
     return tuple(f"xǁ{cls}ǁ{m}" for m in methods)
 
 
-ACCOUNTING = ("tests/test_privacy_accounting.py", *matrix("accounting"))
+# the conventions' accounting without their real runs (and without the DPZero comparison: 13 s of calibration)
+CONVENTIONS = tuple(f"tests/test_privacy_convention.py::test_{name}" for name in (
+    "replace_one_pld_counts_twice_the_bound", "paper_convention_spends_the_replace_one_epsilon_of_its_own_noise",
+    "what_the_paper_convention_has_no_analysis_for_is_refused", "a_local_statement_is_replace_one_without_amplification",
+    "runs_of_different_conventions_are_not_composed_and_paper_runs_compose_replace_one",
+    "a_checkpoint_from_before_the_convention_resumes_and_a_changed_convention_does_not"))
+ACCOUNTING = ("tests/test_privacy_accounting.py", *CONVENTIONS, *matrix("accounting"))
 SCOPE: tuple[Module, ...] = (
     Module("src/dpft/privacy/accounting.py", ACCOUNTING),
     Module("src/dpft/privacy/ledger.py", ACCOUNTING),
