@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from dpft.methods.zeroth_order import ZerothOrderSGD
 from tests.conftest import requires_data
 from tests.privacy_matrix.matrix import METHODS, PARAMETER_NOISE, build, family, run_overrides
 
@@ -193,3 +194,32 @@ def test_a_zeroth_order_run_counts_its_non_finite_scalars_in_its_raw_statistics(
     assert counted >= 1
     module._trainer = SimpleNamespace(global_step=1)  # a fitted module reads its optimizer's estimator
     assert module.raw_statistics() == {"nonfinite_scalars": counted}
+
+
+@pytest.mark.parametrize("method", ["dpzoso", "dpzopo"])
+def test_the_zeroth_order_engine_runs_with_the_methods_own_settings(method):
+    """The engine a method builds carries its schedule (DP-ZOSO's stages), proximal term, z generator, directions,
+    seed, weight decay and per-name seeding; DP-ZOPO's mask is the data-free one of its configured queries, seed
+    and selection rule (recomputed here on a fresh copy of the model)."""
+    from dpft.methods.pruning import data_free_mask
+
+    overrides = [*run_overrides(method), "method.first_stage=2", "method.proximal=0.25", "method.weight_decay=0.01",
+                 "method.seed=7", "method.direction=sphere"]
+    if method == "dpzopo":
+        overrides += ["method.mask_queries=2", "method.mask_select=smallest", "method.mask_fraction=0.05"]
+    built = build(method, *overrides)
+    module, engine = built.module, built.optimizer
+    assert engine.schedule is module.schedule and engine.schedule.first_stage == 2
+    assert (engine.proximal, engine.seed, engine.direction) == (0.25, 7, "sphere")
+    assert engine.z_generator == module.z_generator and engine.directions == module.directions
+    assert [(g["weight_decay"], all(p.ndim >= 2 for p in g["params"])) for g in engine.param_groups] in (
+        [(0.01, True), (0.0, False)], [(0.01, True)])  # decay on matrices only
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    expected_keys = ZerothOrderSGD(module.param_groups(), lr=0.0,
+                                   param_names=[names[id(p)] for p in module._optimizer_order()])._keys
+    assert engine._keys == expected_keys
+    if method == "dpzopo":
+        fresh = build(method, *overrides, setup=False)
+        params = fresh.module._optimizer_order()
+        expected = data_free_mask(params, fresh.module.model, 0.05, queries=2, seed=7, select="smallest")
+        assert all(torch.equal(a, b) for a, b in zip(module.masks, expected))
