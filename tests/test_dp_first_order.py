@@ -283,6 +283,9 @@ class _Recorded:
     def drop(self, examples):
         self.dropped.append(examples.clone())
 
+    def release(self):
+        pass
+
 
 def test_the_applied_factor_bounds_every_example_even_at_norms_near_the_clip_floor():
     """c_i·‖g_i‖ ≤ C exactly (float64) for norms from 1e-7 to 1e3 around C = 1e-6 and C = 2; an example at or under
@@ -314,8 +317,14 @@ def test_examples_dropped_for_their_loss_add_to_those_dropped_for_their_gradient
     dp.clip_and_accumulate()
     assert stand_in.dropped[-1].tolist() == [False, True, True, False]  # both reasons, every row of each
     assert dp.dropped == 2
+    dp.pre_step(empty=False)  # the step ends: the next one starts with nothing excluded
     dp.exclude(torch.tensor([True, False, False, False]))
-    assert dp.dropped == 3 and stand_in.dropped[-1].tolist() == [True, False, False, False]
+    assert dp.dropped == 4 and stand_in.dropped[-1].tolist() == [True, False, False, False]
+    dp.clip_and_accumulate()
+    assert stand_in.dropped[-1].tolist() == [True, True, False, False] and dp.dropped == 5
+    with pytest.raises(ValueError, match="method.clip must be > 0, got 0.0"):
+        DPOptimizer(stand_in, [], noise_multiplier=1.0, max_grad_norm=0.0, expected_batch_size=4.0,
+                    noise=NoiseSource("gaussian", 0))
 
 
 @pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])

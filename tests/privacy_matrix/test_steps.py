@@ -52,6 +52,11 @@ def _check_values(built, indices: list[int], out: torch.Tensor, diagnostics: boo
         assert values["train/batch_size"][0] == float(len(indices))
         if indices:
             assert float(values["train/loss"][0]) == pytest.approx(float(out))
+    if diagnostics and kind == "first_order" and indices:
+        assert float(values["train/grad_norm_median"][0]) == float(built.module.dp.last_norms.median())
+    if built.method == "anadp":  # the allocation, post-processing of released gradients
+        assert {n.split("/")[-1]: v for n, (v, _) in values.items() if n.startswith("anadp/sigma/")} == \
+            built.module.dp.sigmas
     for _, options in values.values():
         assert options.get("batch_size") == 1  # one value per step, averaged over steps as such
 
@@ -127,9 +132,10 @@ def test_a_first_order_methods_optimizer_state_survives_a_checkpoint(method):
         assert block["group_noise_multipliers_history"] == first.module.sigma_history
         groups = len(first.module.dp.groups)
         assert block["group_clip"] == pytest.approx(first.module.clip / math.sqrt(groups)) and groups > 1
-        resumed.module.sigma_history = [{"g": float(i)} for i in range(250)]  # long runs: about 100 kept, evenly
+        assert first.module.sigma_history[-1] == first.module.dp.sigmas  # the allocation each step released
+        resumed.module.sigma_history = [{"g": float(i)} for i in range(200)]  # long runs: about 100 kept, evenly
         assert resumed.module.privacy_block()["group_noise_multipliers_history"] == [
-            {"g": float(i)} for i in range(0, 250, 2)]
+            {"g": float(i)} for i in range(0, 200, 2)]
 
 
 def test_dpzopo_moves_only_its_data_free_mask_and_states_its_clip_rule():
