@@ -148,3 +148,15 @@ def test_a_client_update_is_clipped_as_one_vector_over_all_its_tensors(method):
             torch.testing.assert_close(a.double(), d.double() * factor, rtol=1e-5, atol=1e-9)
         factors.append(factor)
     assert factors[0] == 1.0 and all(f < 1 for f in factors[1:]) and factors[3] < 1e-3
+
+
+def test_a_client_update_near_the_clip_floor_is_still_bounded():
+    """c·‖Δ‖ ≤ C exactly for updates of norm 2e-12 around C = 1e-12 (the division's guard must not push it over)."""
+    from dpft.methods.federated import clip_update, flat_norm
+
+    for norm, clip in ((2e-12, 1e-12), (5e-13, 1e-12), (3.0, 1e-12), (3.0, 2.0)):
+        update = [torch.full((2, 2), norm / 4, dtype=torch.float64), torch.full((4,), norm / 4, dtype=torch.float64)]
+        clipped = clip_update(update, clip)
+        assert float(flat_norm(clipped)) <= clip * (1 + 1e-12) and float(flat_norm(clipped)) <= norm * (1 + 1e-12)
+        if norm < clip:
+            assert float(flat_norm(clipped)) == pytest.approx(norm, rel=1e-9)

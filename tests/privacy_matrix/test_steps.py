@@ -229,3 +229,27 @@ def test_the_zeroth_order_engine_runs_with_the_methods_own_settings(method):
         params = fresh.module._optimizer_order()
         expected = data_free_mask(params, fresh.module.model, 0.05, queries=2, seed=7, select="smallest")
         assert all(torch.equal(a, b) for a, b in zip(module.masks, expected))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if family(m) == "federated"])
+def test_a_round_averages_the_clipped_updates_over_the_expected_clients_and_logs_their_mean_loss(method):
+    """Without noise and with an identity codec for DR-Encoder, a round's update is Σ_c clip_C(Δ_c) / m, m the
+    expected number of clients; the raw loss (diagnostics) is the mean of the clients' local losses."""
+    built = build(method, *run_overrides(method), "privacy.diagnostics=true", spec_changes={"noise_multiplier": 0.0})
+    module = built.module
+    built.stepper.start()
+    if module.autoencoder is not None:
+        module.autoencoder.encode = lambda tensors: [t.clone() for t in tensors]
+        module.autoencoder.decode = lambda codes: [c.clone() for c in codes]
+    updates = [[torch.randn(p.shape) * scale for p in built.params] for scale in (0.01, 10.0, 3.0)]
+    from dpft.methods.federated import clip_update
+
+    expected = [sum(parts) / built.spec.expected_batch_size
+                for parts in zip(*[clip_update(u, module.clip) for u in updates])]
+    for got, want in zip(module.aggregate(updates), expected):
+        torch.testing.assert_close(got, want)
+    losses = []
+    local_update = module.local_update
+    module.local_update = lambda client, seed: (lambda out: losses.append(out[1]) or out)(local_update(client, seed))
+    built.stepper.step({"clients": [0, 3, 5]})
+    assert float(built.stepper.values["train/loss"][0]) == pytest.approx(sum(losses) / len(losses)) and len(losses) == 3
