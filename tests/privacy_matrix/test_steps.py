@@ -253,3 +253,24 @@ def test_a_round_averages_the_clipped_updates_over_the_expected_clients_and_logs
     module.local_update = lambda client, seed: (lambda out: losses.append(out[1]) or out)(local_update(client, seed))
     built.stepper.step({"clients": [0, 3, 5]})
     assert float(built.stepper.values["train/loss"][0]) == pytest.approx(sum(losses) / len(losses)) and len(losses) == 3
+
+
+def test_a_non_private_zeroth_order_step_stops_on_a_non_finite_loss_naming_the_step():
+    """MeZO (no estimator to drop values) stops at the first non-finite loss, naming the step and the values."""
+    from types import SimpleNamespace
+
+    import dpft.train
+    from dpft.methods.base import NonFiniteLossError
+    from dpft.models.loading import load_model
+    from tests.privacy_matrix.matrix import Stepper, _scorer, _task, method_cfg
+
+    cfg = method_cfg("mezo")
+    task, scorer = _task(cfg.task.name, cfg.task.max_length), _scorer(cfg.model.name, cfg.task.name, cfg.task.max_length)
+    module = dpft.train.build_method(cfg, load_model(cfg.model, num_labels=task.num_labels), scorer)
+    stepper = Stepper(module, module.configure_optimizers())
+    module._trainer = SimpleNamespace(global_step=7)
+    losses = module.per_example_losses
+    module.per_example_losses = lambda batch: losses(batch).index_fill(0, torch.tensor([1]), math.nan)
+    examples = task.splits(("train",))["train"][:3]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 7 \(\[[-0-9.e]+, nan, "):
+        stepper.step(scorer.collate(examples, train=True))
