@@ -183,6 +183,8 @@ def test_a_local_statement_is_replace_one_without_amplification():
                      local=True)
     assert spec.local and spec.adjacency == "replace one client (each upload on its own: local)"
     assert spec.sample_rate == m / n  # the clients are still sampled at q; the guarantee does not use it
+    block = PrivacyLedger(spec).report()
+    assert block["local"] is True and block["convention"] == "ours" and block["adjacency"] == spec.adjacency
     expected = replace_one_epsilon(spec.noise_multiplier, 1.0, steps, delta)
     assert spec.epsilon(steps) == pytest.approx(expected, rel=1e-6) and spec.epsilon(steps, "rdp") is None
     assert expected <= target < replace_one_epsilon(spec.noise_multiplier * 0.99, 1.0, steps, delta)
