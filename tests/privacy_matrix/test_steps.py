@@ -212,7 +212,7 @@ def test_the_zeroth_order_engine_runs_with_the_methods_own_settings(method):
     overrides = [*run_overrides(method), "method.first_stage=2", "method.proximal=0.25", "method.weight_decay=0.01",
                  "method.seed=7", "method.direction=sphere"]
     if method == "dpzopo":
-        overrides += ["method.mask_queries=2", "method.mask_select=smallest", "method.mask_fraction=0.05"]
+        overrides += ["method.mask_queries=2", "method.mask_select=largest", "method.mask_fraction=0.05"]
     built = build(method, *overrides)
     module, engine = built.module, built.optimizer
     assert engine.schedule is module.schedule and engine.schedule.first_stage == 2
@@ -227,7 +227,7 @@ def test_the_zeroth_order_engine_runs_with_the_methods_own_settings(method):
     if method == "dpzopo":
         fresh = build(method, *overrides, setup=False)
         params = fresh.module._optimizer_order()
-        expected = data_free_mask(params, fresh.module.model, 0.05, queries=2, seed=7, select="smallest")
+        expected = data_free_mask(params, fresh.module.model, 0.05, queries=2, seed=7, select="largest")
         assert all(torch.equal(a, b) for a, b in zip(module.masks, expected))
 
 
