@@ -62,6 +62,7 @@ def test_paper_convention_spends_the_replace_one_epsilon_of_its_own_noise():
     assert replace_one_epsilon(ours.step_noise_multiplier, batch / n, steps, delta) > target
 
 
+@pytest.mark.slow  # 13 s of PLD calibration
 def test_paper_convention_adds_about_the_noise_of_dpzeros_code():
     """DPZero's code adds 2·σ·C with σ from Opacus's Poisson RDP (add/remove) at (ε, δ, q, T); the replace-one
     PLD calibration adds σ'·C: at ε = 2, q = 64/1024, T = 1000 it is 0.85-0.95 times theirs, where the analysis

@@ -83,7 +83,7 @@ def test_search_grids_expand_to_their_jobs_and_keep_the_chosen_ones(name, count)
 def test_sweep_files_load_and_their_references_name_expected_cells():
     names = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     assert names == ["anadp_roberta", "cpu", "demo", "dpzero_opt", "dpzero_roberta", "dpzo_opt", "dpzoso_roberta",
-                     "dr_encoder", "dr_encoder_cpu"]
+                     "dr_encoder", "dr_encoder_cpu", "dr_encoder_llama"]
     for name in names:
         sweep = load_sweep(name)
         expected = {(j["task"], j["model"], job_method(j), privacy_epsilon(j["privacy"])) for j in jobs(sweep)}
