@@ -158,10 +158,10 @@ def validate_config(cfg: DictConfig) -> bool:
     if m.get("federated"):
         checks += federated_checks(cfg)
     _check(checks)
+    targets = (m.get("peft") or {}).get("target_modules")  # a preset's name (a list names modules itself)
     choices = [("method.optimizer", m.get("optimizer"), sorted(OPTIMIZERS)),
                ("method.peft.mode", (m.get("peft") or {}).get("mode", "none"), PEFT_MODES),
-               ("method.peft.target_modules", targets if isinstance(targets := (m.get("peft") or {}).get(
-                   "target_modules"), str) else None, LORA_PRESETS),
+               ("method.peft.target_modules", targets if isinstance(targets, str) else None, LORA_PRESETS),
                ("method.trainable", m.get("trainable", "all"), TRAINABLE_MODES),
                ("method.clip_target", m.get("clip_target"),
                 getattr(method_class(cfg), "clip_targets", CLIP_TARGETS) if m.get("clip_target") else ()),
@@ -205,8 +205,9 @@ def check_sources(cfg: DictConfig) -> None:
         task = build_task_from_config(cfg.task)  # an unknown protocol, option or data seed: its own message
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    family, paper_family = _model_type(model), PAPER_FAMILIES.get(model.kind)
-    if task.protocol == "paper" and family is not None and family != paper_family:
+    family = _model_type(model) if task.protocol == "paper" else None  # a saved config is read only then
+    paper_family = PAPER_FAMILIES.get(model.kind)
+    if family is not None and family != paper_family:
         raise ConfigError(f"task.protocol=paper feeds the token ids of the papers' code, written for "
                           f"{paper_family or 'no'} {model.kind} models, not model={model.name} ({family}): use "
                           "task.protocol=dpft")
