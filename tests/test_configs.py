@@ -46,7 +46,7 @@ PARAMS = {"opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1.316e9, "opt-2.
           "roberta-base": 124.6e6, "roberta-large": 355.3e6}
 # today's families: the published counts exactly (their model cards / safetensors index)
 EXACT_PARAMS = {"llama-3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
-                "mistral-7b": 7_241_732_096, "llama-125m": 123_562_752}
+                "mistral-7b": 7_241_732_096, "llama-125m": 123_562_752, "phi-2": 2_779_683_840}
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -68,7 +68,7 @@ def test_todays_families_instantiate_with_their_published_parameter_counts(name,
 
 @requires_data
 @pytest.mark.parametrize("name", ["opt-tiny", "roberta-tiny", "minilm-l6", "llama-tiny", "qwen2-tiny", "gpt-neox-tiny",
-                                  "gemma-tiny"])
+                                  "gemma-tiny", "phi-tiny"])
 def test_offline_models_instantiate_with_tokenizer(name, tmp_path):
     cfg = compose_config([f"model={name}"], tmp_path)
     tokenizer = load_tokenizer(cfg.model)

@@ -22,8 +22,9 @@ pytestmark = requires_data
 CASES = [("opt-tiny", "sst2", "none"), ("opt-tiny", "sst2", "lora"), ("roberta-tiny", "sst2-k16", "none"),
          ("roberta-tiny", "sst2-k16", "lora"), ("opt-tiny", "copa", "none")]
 # today's families: RMSNorm (Gemma's 1 + w), gated MLPs, rotary grouped-query attention, q/k/v biases (Qwen2), a
-# fused QKV and parallel blocks (GPT-NeoX), tied (Llama, Gemma) and untied (Qwen2, GPT-NeoX) heads; full and LoRA
-FAMILIES = ("llama-tiny", "qwen2-tiny", "gpt-neox-tiny", "gemma-tiny")
+# fused QKV and parallel blocks (GPT-NeoX, Phi), tied (Llama, Gemma) and untied (Qwen2, GPT-NeoX, Phi: with a bias)
+# heads; full and LoRA
+FAMILIES = ("llama-tiny", "qwen2-tiny", "gpt-neox-tiny", "gemma-tiny", "phi-tiny")
 FAMILY_CASES = [(family, "sst2", peft) for family in FAMILIES for peft in ("none", "lora")]
 
 

@@ -1,4 +1,4 @@
-"""Every method on today's open model families (tiny random Llama, Qwen2, GPT-NeoX, Gemma): a few real steps each,
+"""Every method on today's open model families (tiny random Llama, Qwen2, GPT-NeoX, Gemma, Phi): a few real steps each,
 the ε spent within the target; LoRA presets, the papers' token ids refused, generation with EOS as pad."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "
 FEDERATED = ["fed.clients=6", "fed.local_steps=1", "fed.local_batch_size=2", "method.batch_size=2"]
 EXTRA = {"dpzopo": ["method.mask_queries=1"], "dp_fedavg": FEDERATED,
          "dr_encoder": [*FEDERATED, "method.encoder.steps=2", "method.encoder.rows=4"]}
-# the default suite runs each method on one family (method i on family i mod 4, so each family runs two or three
+# the default suite runs each method on one family (method i on family i mod 5, so each family runs one or two
 # methods); the rest of the cross product is marked slow (make test-full)
 DEFAULT = {(method, FAMILIES[i % len(FAMILIES)]) for i, method in enumerate(METHODS)}
 CASES = [pytest.param(method, family, id=f"{family}-{method}",
@@ -39,10 +39,11 @@ def test_every_method_runs_on_every_family_within_its_budget(make_cfg, method, f
 # each architecture's attention projections and MLP matrices (written out from the model code)
 ATTENTION = {"opt-tiny": r"self_attn\.(q|k|v|out)_proj", "llama-tiny": r"self_attn\.[qkvo]_proj",
              "qwen2-tiny": r"self_attn\.[qkvo]_proj", "gemma-tiny": r"self_attn\.[qkvo]_proj",
-             "gpt-neox-tiny": r"attention\.(query_key_value|dense)",
+             "gpt-neox-tiny": r"attention\.(query_key_value|dense)", "phi-tiny": r"self_attn\.([qkv]_proj|dense)",
              "roberta-tiny": r"attention\.self\.(query|key|value)|attention\.output\.dense"}
 MLP = {"opt-tiny": r"\.fc[12]", "llama-tiny": r"mlp\.(gate|up|down)_proj", "qwen2-tiny": r"mlp\.(gate|up|down)_proj",
        "gemma-tiny": r"mlp\.(gate|up|down)_proj", "gpt-neox-tiny": r"mlp\.dense_(h_to_4h|4h_to_h)",
+       "phi-tiny": r"mlp\.fc[12]",
        "roberta-tiny": r"intermediate\.dense|layer\.\d+\.output\.dense"}
 
 
