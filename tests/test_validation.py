@@ -113,6 +113,18 @@ BEFORE_DATA = [
     (["method=dr_encoder", "privacy=eps2", "method.encoder.lr=0"], "method.encoder.lr=0 is invalid"),
     (["method=dr_encoder", "privacy=eps2", "method.encoder.rows=0"], "method.encoder.rows=0 is invalid"),
     (["method=dr_encoder", "privacy=eps2", "method.encoder.var_floor=0"], "method.encoder.var_floor=0 is invalid"),
+    # privacy statements without an analysis: DPZero's replace-one convention, DR-Encoder's local noise
+    (["method=dpzero", "privacy=eps2", "privacy.convention=paper", "privacy.accountant=rdp"],
+     "privacy.convention=paper (replace-one) is accounted by PLD (dp-accounting's RDP has no replace-one Poisson "
+     "analysis), not privacy.accountant=rdp: set privacy.accountant=pld"),
+    (["method=dpzo_laplace", "privacy=pure_eps4", "privacy.convention=paper"],
+     "privacy.convention=paper (replace-one) is analysed for the Gaussian mechanism only, not "
+     "privacy.mechanism=laplace: use privacy.convention=ours"),
+    (["method=dpzo", "privacy=eps2", "privacy.convention=replace"],
+     "privacy.convention='replace' is not one of ('ours', 'paper')"),
+    (["method=dr_encoder", "privacy=eps2", "method.noise_placement=local", "privacy.accountant=rdp"],
+     "method.noise_placement=local (replace-one, each upload on its own) is accounted by PLD (dp-accounting's RDP "
+     "has no replace-one analysis), not privacy.accountant=rdp: set privacy.accountant=pld"),
 ]
 
 
@@ -128,6 +140,16 @@ def test_a_trainer_without_devices_is_one_device():
     validate_config(compose_config(["model=opt-tiny", "task=sst2", "~trainer.devices"]))
     validate_config(compose_config(["model=opt-tiny", "task=sst2", *FEDAVG, "~trainer.devices"], shrink=False))
     validate_config(compose_config(["model=opt-tiny", "task=sst2", *FEDAVG, "~method.server_lr"], shrink=False))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=dpzero", "privacy=eps2", "privacy.convention=paper", "privacy.accountant=pld"],
+    ["method=dpzo", "privacy=eps2", "privacy.accountant=rdp", "~privacy.convention"],  # a budget of its own: ours
+    ["method=dr_encoder", "privacy=eps2", "method.noise_placement=local", "privacy.accountant=pld"],
+    ["method=dr_encoder", "privacy=eps2", "privacy.accountant=rdp", "~method.noise_placement"],  # split
+], ids=["paper-pld", "no-convention", "local-pld", "no-placement"])
+def test_statements_with_an_analysis_pass(overrides):
+    validate_config(compose_config(["model=opt-tiny", "task=sst2", *overrides], shrink=False))
 
 
 def test_best_val_runs_with_one_training_step():
@@ -343,6 +365,8 @@ EDGES = [
     ("method.encoder.lr", "method.encoder.lr", DR, [1e-9, 1], [0, "inf", "nan", "'a'"]),
     ("method.encoder.rows", "method.encoder.rows", DR, [1], [0, 1.5]),
     ("method.encoder.var_floor", "method.encoder.var_floor", DR, [1e-9, 1], [0, "inf", "nan", "'a'"]),
+    ("method.noise_placement", "method.noise_placement", [*DR, "privacy.accountant=pld"], ["split", "local"],
+     ["central", "Local"]),
 ]
 
 

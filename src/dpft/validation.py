@@ -356,7 +356,7 @@ def federated_checks(cfg: DictConfig) -> list[Check]:
     return checks
 
 
-def validate_privacy(p: DictConfig, local: bool = False) -> None:
+def validate_privacy(p: DictConfig, local: bool) -> None:
     """The budget's own values; `local`: the method noises each unit's release on its own (DR-Encoder's local
     noise), which has its own analysis."""
     mechanism = p.get("mechanism")
