@@ -87,7 +87,12 @@ def test_timing_range_is_the_wider_relative_spread_of_the_two_sides():
     assert "| timing range |" in table and "| 0.500–1.500 |" in table
 
 
-@pytest.mark.parametrize("shape", ["opt-tiny", "roberta-tiny"])
+@pytest.mark.parametrize(("shape", "at"), [("opt-tiny", 9), ("llama-tiny", 9), ("roberta-tiny", 5)])
+def test_the_label_is_read_at_a_causal_models_last_token_and_a_masked_models_middle(shape, at):
+    assert make_batch(build(shape, "cpu"), 3, 10, "cpu")["at"].flatten().tolist() == [at] * 3
+
+
+@pytest.mark.parametrize("shape", ["opt-tiny", "llama-tiny", "roberta-tiny"])
 def test_the_reference_computes_the_same_loss_from_every_position(shape):
     """The reference differs from our step in how it gets the loss, not in the loss."""
     model = build(shape, "cpu")

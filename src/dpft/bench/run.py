@@ -76,11 +76,12 @@ LABEL_WORDS = [1000, 2000]  # two label words, as in the suite's binary tasks
 
 
 def make_batch(model: nn.Module, batch: int, length: int, device: str) -> dict[str, torch.Tensor]:
-    """Random token ids and labels; the label word is read at the last token (OPT, the MeZO prompts) or at a
-    mask in the middle (RoBERTa, LM-BFF)."""
+    """Random token ids and labels; the label word is read at the last token of a causal model (OPT, Llama, ...:
+    the MeZO prompts) or at a mask in the middle of a masked one (RoBERTa, LM-BFF)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (batch, length), generator=gen)
-    at = length - 1 if model.config.model_type == "opt" else length // 2
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    at = length // 2 if type(inner).__name__.endswith("ForMaskedLM") else length - 1
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "at": torch.full((batch, 1), at, device=device),
             "labels": torch.randint(0, len(LABEL_WORDS), (batch,), generator=gen).to(device)}
