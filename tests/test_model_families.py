@@ -14,11 +14,12 @@ from tests.test_dp_first_order import FAMILIES
 
 pytestmark = requires_data
 
-METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dp_fedavg", "dr_encoder")
+METHODS = ("mezo", "dpzo", "dpzero", "dpzopo", "dpsgd", "dpsgd_lora", "anadp", "dp_fedavg", "dr_encoder", "mezo_lora",
+           "mezo_prefix")  # prefix tuning: past keys and values in each family's (grouped-query) head layout
 FEDERATED = ["fed.clients=6", "fed.local_steps=1", "fed.local_batch_size=2", "method.batch_size=2"]
 EXTRA = {"dpzopo": ["method.mask_queries=1"], "dp_fedavg": FEDERATED,
          "dr_encoder": [*FEDERATED, "method.encoder.steps=2", "method.encoder.rows=4"]}
-# the default suite runs each method on one family (method i on family i mod 5, so each family runs one or two
+# the default suite runs each method on one family (method i on family i mod 5, so each family runs two or three
 # methods); the rest of the cross product is marked slow (make test-full)
 DEFAULT = {(method, FAMILIES[i % len(FAMILIES)]) for i, method in enumerate(METHODS)}
 CASES = [pytest.param(method, family, id=f"{family}-{method}",
@@ -28,11 +29,11 @@ CASES = [pytest.param(method, family, id=f"{family}-{method}",
 
 @pytest.mark.parametrize("method,family", CASES)
 def test_every_method_runs_on_every_family_within_its_budget(make_cfg, method, family):
-    privacy = "privacy=none" if method == "mezo" else "privacy=eps4"
+    privacy = "privacy=none" if method.startswith("mezo") else "privacy=eps4"
     results = run(make_cfg(f"model={family}", "task=sst2", f"method={method}", privacy, *EXTRA.get(method, [])))
     assert results["status"] == "completed" and 0.0 <= results["metrics"]["test/acc"] <= 100.0
     p = results["privacy"]
-    if method != "mezo":
+    if not method.startswith("mezo"):
         assert p["steps"] == p["budget_steps"] >= 3 and 0 < p["epsilon_spent"] <= 4.0
 
 
