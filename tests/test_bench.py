@@ -15,6 +15,7 @@ from dpft.bench.run import (
     bench_dpsgd,
     bench_zo,
     build,
+    dp_model,
     format_table,
     keep_freed_memory,
     main,
@@ -88,8 +89,10 @@ def test_timing_range_is_the_wider_relative_spread_of_the_two_sides():
 
 
 @pytest.mark.parametrize(("shape", "at"), [("opt-tiny", 9), ("llama-tiny", 9), ("roberta-tiny", 5)])
-def test_the_label_is_read_at_a_causal_models_last_token_and_a_masked_models_middle(shape, at):
-    assert make_batch(build(shape, "cpu"), 3, 10, "cpu")["at"].flatten().tolist() == [at] * 3
+@pytest.mark.parametrize("mode", ["plain", "lora"])
+def test_the_label_is_read_at_a_causal_models_last_token_and_a_masked_models_middle(shape, at, mode):
+    model = build(shape, "cpu") if mode == "plain" else dp_model(shape, "lora", "cpu")  # under peft's wrapper
+    assert make_batch(model, 3, 10, "cpu")["at"].flatten().tolist() == [at] * 3
 
 
 @pytest.mark.parametrize("shape", ["opt-tiny", "llama-tiny", "roberta-tiny"])

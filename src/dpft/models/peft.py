@@ -12,7 +12,7 @@ PEFT_MODES = ("none", "lora", "prefix")
 # layers, not by one family's: OPT/Llama/Qwen2/Mistral/Gemma/Phi `q_proj k_proj v_proj o_proj|out_proj|dense`,
 # GPT-NeoX `query_key_value dense`, RoBERTa/BERT `query key value` + `attention.output.dense`; the MLP's
 # `gate_proj up_proj down_proj`, `fc1 fc2`, `dense_h_to_4h dense_4h_to_h`, `intermediate.dense output.dense`.
-# null keeps peft's default for the architecture (the q and v projections).
+# null keeps peft's default for the architecture (q and v projections; GPT-NeoX its fused QKV, Phi also fc1 fc2).
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query_key_value", "query", "key", "value"}
 ATTENTION_OUTPUT = ("attention.dense", "self_attn.dense", "attention.output.dense")
 MLP = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h"}
