@@ -107,7 +107,7 @@ SCOPE: tuple[Module, ...] = (
     Module("src/dpft/methods/dp_first_order.py", (
         "tests/test_dp_first_order.py",
         "tests/test_example_clipping.py::test_training_with_multi_token_label_words_clips_one_norm_per_example",
-                                                  *matrix("clipping", "noise", "nonfinite", "steps")),
+        *matrix("clipping", "noise", "nonfinite", "steps")),
            _dp("DPOptimizer", "*") + _dp("AdaptiveNoiseDPOptimizer", "*")
            + _dp("DPFirstOrder", "configure_optimizers", "training_step", "on_fit_start", "privacy_block",
                  "raw_statistics")),

@@ -506,9 +506,6 @@ def bench_ddp(shape: str, batch: int, length: int, repeats: int, kept: bool = Fa
 
 # --- entry point --------------------------------------------------------------------------------
 SHAPES, LENGTHS, BATCHES = ("opt-tiny", "opt-125m", "roberta-base"), (64, 256), (8, 32)
-# every model config with an architecture block can be measured with random weights (`--shapes llama-125m ...`)
-BUILDABLE = tuple(sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")
-                         if OmegaConf.load(p).get("config") and OmegaConf.load(p).kind != "classifier"))
 PARTS = ("zo", "memory", "dpsgd", "ddp", "precision")
 
 
@@ -568,6 +565,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def buildable_shapes() -> list[str]:
+    """The model configs with an architecture block (not classifiers): each can be measured with random weights."""
+    configs = {p.stem: OmegaConf.load(p) for p in (CONFIG_DIR / "model").glob("*.yaml")}
+    return sorted(name for name, cfg in configs.items() if cfg.get("config") and cfg.kind != "classifier")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only OPT-125m / RoBERTa-base, batch 16, length 128")
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every one available)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="repeats of each measurement, in a Williams-design order (default 3)")
-    parser.add_argument("--shapes", nargs="+", choices=BUILDABLE, default=list(SHAPES),
+    parser.add_argument("--shapes", nargs="+", choices=buildable_shapes(), default=list(SHAPES),
                         help="model configs to measure with random weights (default: the grid's)")
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
                         help=f"sequence lengths of the grid (default {' '.join(map(str, LENGTHS))})")
