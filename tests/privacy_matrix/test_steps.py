@@ -224,11 +224,15 @@ def test_the_zeroth_order_engine_runs_with_the_methods_own_settings(method):
     expected_keys = ZerothOrderSGD(module.param_groups(), lr=0.0,
                                    param_names=[names[id(p)] for p in module._optimizer_order()])._keys
     assert engine._keys == expected_keys
-    if method == "dpzopo":
-        fresh = build(method, *overrides, setup=False)
-        params = fresh.module._optimizer_order()
-        expected = data_free_mask(params, fresh.module.model, 0.05, queries=2, seed=7, select="largest")
-        assert all(torch.equal(a, b) for a, b in zip(module.masks, expected))
+    if method == "dpzopo":  # the largest rule shows the queries and seed; the smallest one shows the rule itself
+        for select in ("largest", "smallest"):
+            chosen = [*overrides[:-2], f"method.mask_select={select}", overrides[-1]]
+            masks = module.masks if select == "largest" else build(method, *chosen).module.masks
+            fresh = build(method, *chosen, setup=False)
+            expected = data_free_mask(fresh.module._optimizer_order(), fresh.module.model, 0.05, queries=2, seed=7,
+                                      select=select)
+            assert all(torch.equal(a, b) for a, b in zip(masks, expected))
+            assert select == "largest" or not all(torch.equal(a, b) for a, b in zip(masks, module.masks))
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if family(m) == "federated"])
